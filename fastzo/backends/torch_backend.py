@@ -1,0 +1,81 @@
+"""Backend "torch": the oracle's noise applied chunk by chunk. Works on every device.
+
+Temporaries are bounded by ``noise.CHUNK`` elements, never the size of a weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import noise
+
+NAME = "torch"
+
+
+def check_available() -> None:
+    pass
+
+
+def supports_device(device: torch.device) -> bool:
+    return True
+
+
+def _chunks(tensor: torch.Tensor, key: int, offset: int, seed: int, distribution: str):
+    flat = tensor.view(-1)
+    for start, z in noise._noise_chunks(flat.numel(), seed, key, offset, flat.device, distribution):
+        yield flat[start:start + z.numel()], z, offset + start
+
+
+def perturb_(tensors, keys, offsets, seed, scale, distribution):
+    for tensor, key, offset in zip(tensors, keys, offsets):
+        for part, z, _ in _chunks(tensor, key, offset, seed, distribution):
+            part.copy_(part.float() + scale * z)
+
+
+def restore_and_update_(tensors, keys, offsets, seed, eps, decay, step, distribution,
+                        stochastic_rounding):
+    for tensor, key, offset in zip(tensors, keys, offsets):
+        sr = stochastic_rounding and tensor.dtype != torch.float32
+        for part, z, start in _chunks(tensor, key, offset, seed, distribution):
+            y = (part.float() + eps * z) * decay - step * z
+            if sr:
+                bits = noise.rounding_bits(part.numel(), seed, key, start, part.device)
+                part.copy_(stochastic_round(y, bits, part.dtype))
+            else:
+                part.copy_(y)
+
+
+_STORAGE_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def stochastic_round(y: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The contract's stochastic rounding of float32 ``y`` to 16-bit ``dtype``."""
+    nearest = y.to(dtype)
+    toward_zero = torch.where(nearest.float().abs() > y.abs(), _step_toward_zero(nearest), nearest)
+    away = _step_away_from_zero(toward_zero, y)
+    t_abs = toward_zero.float().abs()
+    gap = away.float().abs() - t_abs
+    frac = (y.abs() - t_abs) / gap
+    u = (bits.to(torch.float32) + 0.5) * 2.0**-16
+    out = torch.where(u < frac, away, toward_zero)
+    exact = (toward_zero.float() == y) | ~torch.isfinite(y) | ~torch.isfinite(gap)
+    return torch.where(exact, nearest, out)
+
+
+def _step_toward_zero(x: torch.Tensor) -> torch.Tensor:
+    """The 16-bit value one ulp closer to zero (x != 0)."""
+    bits = x.view(torch.int16).to(torch.int32) & 0xFFFF
+    return _from_bits(bits - 1, x.dtype)
+
+
+def _step_away_from_zero(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The 16-bit value one ulp further from zero than t, on the side of y's sign."""
+    bits = t.view(torch.int16).to(torch.int32) & 0xFFFF
+    magnitude = (bits & 0x7FFF) + 1
+    sign = torch.where(y < 0, 0x8000, 0)
+    return _from_bits(magnitude | sign, t.dtype)
+
+
+def _from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    signed = torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16)
+    return signed.view(dtype)

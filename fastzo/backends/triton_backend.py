@@ -1,0 +1,231 @@
+"""Backend "triton": fused in-place passes, one multi-tensor launch per storage dtype.
+
+Each pass reads and writes every element once. The noise is regenerated in the kernel from the
+contract's Philox counters; nothing the size of a weight is allocated. A persistent grid walks a
+small device-side table of (address, numel, key, offset) rows, so a model with hundreds of
+tensors costs one launch per dtype, not one per tensor.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import noise
+
+NAME = "triton"
+
+try:
+    import triton
+    import triton.language as tl
+except Exception as exc:  # triton missing or broken: the backend reports this error
+    triton = None
+    _IMPORT_ERROR = exc
+else:
+    _IMPORT_ERROR = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The interpreter pays per program and per block, not per element: large blocks keep it fast.
+BLOCK = 65536 if INTERPRET else 4096
+NUM_WARPS = 8
+
+
+def check_available() -> None:
+    if triton is None:
+        raise _IMPORT_ERROR
+    if not INTERPRET and not torch.cuda.is_available():
+        raise RuntimeError("triton needs a CUDA GPU (or TRITON_INTERPRET=1 for CPU tensors)")
+
+
+def supports_device(device: torch.device) -> bool:
+    return device.type == "cuda" or (INTERPRET and device.type == "cpu")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _philox(c0, c1, c2, c3, k0, k1):
+        """Philox4x32-10 on uint32 blocks; identical to fastzo.noise.philox4x32_10."""
+        for _ in tl.static_range(10):
+            _c0, _c2 = c0, c2
+            c0 = tl.umulhi(0xCD9E8D57, _c2) ^ c1 ^ k0
+            c2 = tl.umulhi(0xD2511F53, _c0) ^ c3 ^ k1
+            c1 = tl.mul(c2 * 0 + 0xCD9E8D57, _c2, sanitize_overflow=False)
+            c3 = tl.mul(c0 * 0 + 0xD2511F53, _c0, sanitize_overflow=False)
+            k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+            k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _philox_groups(group, key, stream: tl.constexpr, k0, k1):
+        """Philox words for int64 group indices of one tensor key and stream."""
+        c0 = (group & 0xFFFFFFFF).to(tl.uint32)
+        c1 = (group >> 32).to(tl.uint32)
+        c2 = (c0 * 0 + key).to(tl.uint32)
+        c3 = c0 * 0 + stream
+        return _philox(c0, c1, c2, c3, k0, k1)
+
+    @triton.jit
+    def _uniform24(x):
+        return ((x >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24
+
+    @triton.jit
+    def _noise_block(start, key, k0, k1, BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr):
+        """z for global elements [start, start + BLOCK); start is a multiple of 128."""
+        if GAUSSIAN:
+            group = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+            x0, x1, x2, x3 = _philox_groups(group, key, 0, k0, k1)
+            r_a = tl.sqrt(-2.0 * tl.log(_uniform24(x0)))
+            r_b = tl.sqrt(-2.0 * tl.log(_uniform24(x2)))
+            a_a = 6.283185307179586 * _uniform24(x1)
+            a_b = 6.283185307179586 * _uniform24(x3)
+            z = tl.interleave(
+                tl.interleave(r_a * tl.cos(a_a), r_b * tl.cos(a_b)),
+                tl.interleave(r_a * tl.sin(a_a), r_b * tl.sin(a_b)),
+            )
+        else:
+            group = start // 128 + tl.arange(0, BLOCK // 128).to(tl.int64)
+            x0, x1, x2, x3 = _philox_groups(group, key, 1, k0, k1)
+            words = tl.interleave(tl.interleave(x0, x2), tl.interleave(x1, x3))
+            bits = (words[:, None] >> tl.arange(0, 32)[None, :].to(tl.uint32)) & 1
+            z = 1.0 - 2.0 * tl.reshape(bits, (BLOCK,)).to(tl.float32)
+        return z
+
+    @triton.jit
+    def _round_bf16_bits(y):
+        """float32 -> bfloat16 bit pattern (int32), round to nearest even, NaN kept NaN.
+
+        Done by hand because the interpreter's .to(bfloat16) truncates.
+        """
+        bits = y.to(tl.int32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return tl.where(y != y, 0x7FC0, rounded & 0xFFFF)
+
+    @triton.jit
+    def _to_f32(bits16, IS_BF16: tl.constexpr):
+        """16-bit pattern (int32 holding 0..0xFFFF) -> float32, exact."""
+        if IS_BF16:
+            return (bits16 << 16).to(tl.float32, bitcast=True)
+        else:
+            return bits16.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _nearest_bits(y, IS_BF16: tl.constexpr):
+        if IS_BF16:
+            return _round_bf16_bits(y)
+        else:
+            return y.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+    @triton.jit
+    def _store(ptrs, y, mask, DTYPE: tl.constexpr):
+        if DTYPE == tl.bfloat16:
+            bits = _round_bf16_bits(y).to(tl.int16)
+            tl.store(ptrs, bits.to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(ptrs, y.to(DTYPE), mask=mask)
+
+    @triton.jit
+    def _store_stochastic(ptrs, y, rbits, mask, DTYPE: tl.constexpr):
+        """The contract's stochastic rounding to a 16-bit format (see docs/noise.md)."""
+        IS_BF16: tl.constexpr = DTYPE == tl.bfloat16
+        nearest = _nearest_bits(y, IS_BF16)
+        y_abs = tl.abs(y)
+        toward = tl.where(tl.abs(_to_f32(nearest, IS_BF16)) > y_abs, nearest - 1, nearest)
+        sign = tl.where(y < 0, 0x8000, 0)
+        away = ((toward & 0x7FFF) + 1) | sign
+        t_abs = tl.abs(_to_f32(toward, IS_BF16))
+        gap = tl.abs(_to_f32(away, IS_BF16)) - t_abs
+        frac = (y_abs - t_abs) / gap
+        u = (rbits.to(tl.float32) + 0.5) * 1.52587890625e-05  # 2**-16
+        chosen = tl.where(u < frac, away, toward)
+        exact = (_to_f32(toward, IS_BF16) == y) | (y_abs == float("inf")) | (y != y) | (gap == float("inf"))
+        bits = tl.where(exact, nearest, chosen).to(tl.int16)
+        tl.store(ptrs, bits.to(DTYPE, bitcast=True), mask=mask)
+
+    @triton.jit
+    def _rounding_bits(start, key, k0, k1, BLOCK: tl.constexpr):
+        group = start // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
+        x0, x1, x2, x3 = _philox_groups(group, key, 2, k0, k1)
+        words = tl.interleave(tl.interleave(x0, x2), tl.interleave(x1, x3))
+        halves = tl.interleave(words & 0xFFFF, words >> 16)
+        return halves.to(tl.int32)
+
+    @triton.jit
+    def _zo_pass_kernel(
+        addr_table, numel_table, key_table, offset_table, n_tensors,
+        seed_lo, seed_hi, a, decay, b,
+        DTYPE: tl.constexpr, BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr,
+        UPDATE: tl.constexpr, STOCHASTIC: tl.constexpr,
+    ):
+        """perturb (UPDATE=0):  θ ← θ + a·z
+        restore-and-update:    θ ← (θ + a·z)·decay − b·z
+        """
+        pid = tl.program_id(0)
+        n_programs = tl.num_programs(0)
+        k0 = seed_lo.to(tl.uint32)
+        k1 = seed_hi.to(tl.uint32)
+        for t in range(n_tensors):
+            base = tl.load(addr_table + t).to(tl.pointer_type(DTYPE))
+            numel = tl.load(numel_table + t)
+            key = tl.load(key_table + t)
+            offset = tl.load(offset_table + t)
+            lead = offset % 128  # blocks start on a 128-element boundary of the global index
+            n_blocks = tl.cdiv(numel + lead, BLOCK)
+            for blk in range(pid, n_blocks, n_programs):
+                start = offset - lead + (offset * 0 + blk) * BLOCK  # int64 math: tensors may exceed 2**31
+                local = start - offset + tl.arange(0, BLOCK)
+                mask = (local >= 0) & (local < numel)
+                ptrs = base + local
+                theta = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                z = _noise_block(start, key, k0, k1, BLOCK, GAUSSIAN)
+                if UPDATE:
+                    y = (theta + a * z) * decay - b * z
+                else:
+                    y = theta + a * z
+                if STOCHASTIC:
+                    rbits = _rounding_bits(start, key, k0, k1, BLOCK)
+                    _store_stochastic(ptrs, y, rbits, mask, DTYPE)
+                else:
+                    _store(ptrs, y, mask, DTYPE)
+
+
+_TL_DTYPE = {}
+if triton is not None:
+    _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _n_programs(device: torch.device, total_blocks: int) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(total_blocks, sms * 8))
+    return max(1, min(total_blocks, 4))
+
+
+def _launch(tensors, keys, offsets, seed, a, decay, b, distribution, update, stochastic):
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for idx, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(idx)
+    device = tensors[0].device
+    for dtype, idxs in by_dtype.items():
+        rows = [[tensors[i].data_ptr() for i in idxs], [tensors[i].numel() for i in idxs],
+                [keys[i] for i in idxs], [offsets[i] for i in idxs]]
+        table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        total_blocks = sum(-(-(tensors[i].numel() + offsets[i] % 128) // BLOCK) for i in idxs)
+        grid = (_n_programs(device, total_blocks),)
+        _zo_pass_kernel[grid](
+            table[0], table[1], table[2], table[3], len(idxs),
+            seed & noise.MASK32, seed >> 32, a, decay, b,
+            DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK, GAUSSIAN=distribution == "gaussian",
+            UPDATE=update, STOCHASTIC=stochastic and dtype != torch.float32,
+            num_warps=NUM_WARPS,
+        )
+
+
+def perturb_(tensors, keys, offsets, seed, scale, distribution):
+    _launch(tensors, keys, offsets, seed, scale, 1.0, 0.0, distribution, False, False)
+
+
+def restore_and_update_(tensors, keys, offsets, seed, eps, decay, step, distribution,
+                        stochastic_rounding):
+    _launch(tensors, keys, offsets, seed, eps, decay, step, distribution, True, stochastic_rounding)
