@@ -1,0 +1,33 @@
+# Two entry points for a fresh checkout:
+#   make demo   set up .venv and run the main job (quick benchmark) on its built-in default
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# CPU build of torch: CI and laptops need no CUDA wheel of several GB.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test test-fast clean
+
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q numpy ninja pybind11 pytest scipy triton matplotlib tqdm "transformers>=4.45"
+	$(PIP) install -q --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/fastzo demo
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info fastzo/*.so
