@@ -197,3 +197,18 @@ def rounding_bits(numel: int, seed: int, key: int, offset: int = 0, device="cpu"
     halves = torch.stack((words & 0xFFFF, words >> 16), dim=-1).reshape(-1)
     start = offset - first * ROUNDING_PER_CALL
     return halves[start:start + numel]
+
+
+STREAM_SEEDS = 3
+
+
+def step_seed(base_seed: int, step: int, direction: int = 0) -> int:
+    """The uint64 seed of optimizer step ``step``, direction ``direction``.
+
+    Philox4x32-10 with key = base seed and counter (step low, step high, direction, 3):
+    seed = x0 | x1 << 32. Pure, so every rank and every resumed run derives the same seeds.
+    """
+    check_seed(base_seed)
+    counter = torch.tensor([[step & MASK32, step >> 32, direction, STREAM_SEEDS]], dtype=torch.int64)
+    words = philox4x32_10(counter, split_seed(base_seed))[0].tolist()
+    return words[0] | (words[1] << 32)

@@ -150,3 +150,36 @@ def restore_and_update_(tensors, seed: int, eps: float, lr: float, projected_gra
         with torch.no_grad():
             module.restore_and_update_(tensors, keys, offsets, seed, eps, decay, step,
                                        distribution, bool(stochastic_rounding))
+
+
+def restore_update_and_perturb_(tensors, seed: int, eps: float, lr: float, projected_grad: float,
+                                weight_decay: float, next_seed: int, next_scale: float, *,
+                                keys=None, offsets=None, distribution: str = "gaussian",
+                                stochastic_rounding: bool | None = None, backend: str | None = None):
+    """Fused steps: restore-and-update of step t and the +scale·z' of step t+1 in one pass.
+
+    θ ← (θ + eps·z)(1 − lr·wd) − lr·g·z + next_scale·z(next_seed), rounded once. Backends
+    without a fused kernel run the two passes (rounding twice).
+    """
+    eps = as_float32(eps, "eps")
+    lr = float(as_float32(lr, "lr"))
+    g = as_float32(projected_grad, "projected_grad")
+    wd = as_float32(weight_decay, "weight_decay")
+    decay = as_float32(1.0 - lr * wd, "1 - lr * weight_decay")
+    step = as_float32(lr * g, "lr * projected_grad")
+    next_scale = as_float32(next_scale, "next_scale")
+    noise.check_seed(next_seed)
+    if stochastic_rounding is None:
+        stochastic_rounding = True
+    module, tensors, keys, offsets = _prepare(tensors, seed, keys, offsets, distribution, backend)
+    if not tensors:
+        return
+    with torch.no_grad():
+        fused = getattr(module, "restore_update_and_perturb_", None)
+        if fused is not None:
+            fused(tensors, keys, offsets, seed, eps, decay, step, distribution,
+                  bool(stochastic_rounding), next_seed, next_scale)
+        else:
+            module.restore_and_update_(tensors, keys, offsets, seed, eps, decay, step,
+                                       distribution, bool(stochastic_rounding))
+            module.perturb_(tensors, keys, offsets, next_seed, next_scale, distribution)

@@ -33,11 +33,14 @@ def perturb_(tensors, keys, offsets, seed, scale, distribution):
 
 
 def restore_and_update_(tensors, keys, offsets, seed, eps, decay, step, distribution,
-                        stochastic_rounding):
+                        stochastic_rounding, next_seed=None, next_scale=0.0):
     for tensor, key, offset in zip(tensors, keys, offsets):
         sr = stochastic_rounding and tensor.dtype != torch.float32
         for part, z, start in _chunks(tensor, key, offset, seed, distribution):
             y = (part.float() + eps * z) * decay - step * z
+            if next_seed is not None:
+                z_next = noise.zo_noise(part.numel(), next_seed, key, start, part.device, distribution)
+                y = y + next_scale * z_next
             if sr:
                 bits = noise.rounding_bits(part.numel(), seed, key, start, part.device)
                 part.copy_(stochastic_round(y, bits, part.dtype))
@@ -79,3 +82,9 @@ def _step_away_from_zero(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     signed = torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16)
     return signed.view(dtype)
+
+
+def restore_update_and_perturb_(tensors, keys, offsets, seed, eps, decay, step, distribution,
+                                stochastic_rounding, next_seed, next_scale):
+    restore_and_update_(tensors, keys, offsets, seed, eps, decay, step, distribution,
+                        stochastic_rounding, next_seed, next_scale)

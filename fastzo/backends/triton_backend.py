@@ -154,12 +154,13 @@ if triton is not None:
     @triton.jit
     def _zo_pass_kernel(
         addr_table, numel_table, key_table, offset_table, n_tensors,
-        seed_lo, seed_hi, a, decay, b,
+        seed_lo, seed_hi, a, decay, b, next_lo, next_hi, a_next,
         DTYPE: tl.constexpr, BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr,
-        UPDATE: tl.constexpr, STOCHASTIC: tl.constexpr,
+        UPDATE: tl.constexpr, STOCHASTIC: tl.constexpr, NEXT: tl.constexpr,
     ):
         """perturb (UPDATE=0):  θ ← θ + a·z
         restore-and-update:    θ ← (θ + a·z)·decay − b·z
+        with NEXT, also + a_next·z' where z' is the next step's noise (fused steps)
         """
         pid = tl.program_id(0)
         n_programs = tl.num_programs(0)
@@ -183,6 +184,10 @@ if triton is not None:
                     y = (theta + a * z) * decay - b * z
                 else:
                     y = theta + a * z
+                if NEXT:
+                    z_next = _noise_block(start, key, next_lo.to(tl.uint32), next_hi.to(tl.uint32),
+                                          BLOCK, GAUSSIAN)
+                    y = y + a_next * z_next
                 if STOCHASTIC:
                     rbits = _rounding_bits(start, key, k0, k1, BLOCK)
                     _store_stochastic(ptrs, y, rbits, mask, DTYPE)
@@ -202,7 +207,8 @@ def _n_programs(device: torch.device, total_blocks: int) -> int:
     return max(1, min(total_blocks, 4))
 
 
-def _launch(tensors, keys, offsets, seed, a, decay, b, distribution, update, stochastic):
+def _launch(tensors, keys, offsets, seed, a, decay, b, distribution, update, stochastic,
+            next_seed=None, a_next=0.0):
     by_dtype: dict[torch.dtype, list[int]] = {}
     for idx, t in enumerate(tensors):
         by_dtype.setdefault(t.dtype, []).append(idx)
@@ -216,8 +222,10 @@ def _launch(tensors, keys, offsets, seed, a, decay, b, distribution, update, sto
         _zo_pass_kernel[grid](
             table[0], table[1], table[2], table[3], len(idxs),
             seed & noise.MASK32, seed >> 32, a, decay, b,
+            (next_seed or 0) & noise.MASK32, (next_seed or 0) >> 32, a_next,
             DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK, GAUSSIAN=distribution == "gaussian",
             UPDATE=update, STOCHASTIC=stochastic and dtype != torch.float32,
+            NEXT=next_seed is not None,
             num_warps=NUM_WARPS,
         )
 
@@ -229,3 +237,9 @@ def perturb_(tensors, keys, offsets, seed, scale, distribution):
 def restore_and_update_(tensors, keys, offsets, seed, eps, decay, step, distribution,
                         stochastic_rounding):
     _launch(tensors, keys, offsets, seed, eps, decay, step, distribution, True, stochastic_rounding)
+
+
+def restore_update_and_perturb_(tensors, keys, offsets, seed, eps, decay, step, distribution,
+                                stochastic_rounding, next_seed, next_scale):
+    _launch(tensors, keys, offsets, seed, eps, decay, step, distribution, True, stochastic_rounding,
+            next_seed=next_seed, a_next=next_scale)

@@ -1,0 +1,44 @@
+"""Backend "cuda": the CUDA kernels of the extension fastzo._C on CUDA tensors.
+
+One launch per storage dtype covers every tensor of a call (a device-side table of pointers,
+sizes, keys and offsets), with 16-byte loads and stores where alignment allows. Built only when
+torch has CUDA and nvcc was found at install time (docs/native.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpp_backend
+
+NAME = "cuda"
+
+
+def _extension():
+    ext = cpp_backend.load_extension()
+    if not getattr(ext, "HAS_CUDA", False):
+        raise RuntimeError(
+            "fastzo._C was built without its CUDA kernels (torch without CUDA, or nvcc not found "
+            "at build time); see docs/native.md"
+        )
+    return ext
+
+
+def check_available() -> None:
+    _extension()
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device is available")
+
+
+def supports_device(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def perturb_(tensors, keys, offsets, seed, scale, distribution):
+    _extension().cuda_perturb_(tensors, keys, offsets, seed, scale, distribution)
+
+
+def restore_and_update_(tensors, keys, offsets, seed, eps, decay, step, distribution,
+                        stochastic_rounding):
+    _extension().cuda_restore_and_update_(tensors, keys, offsets, seed, eps, decay, step,
+                                          distribution, stochastic_rounding)

@@ -1,0 +1,389 @@
+"""The native backends: "cpp" (CPU kernels of fastzo._C) against the oracle, "cuda" on a GPU,
+and the fallback when the extension is missing."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastzo
+from fastzo import backends, noise
+from fastzo.backends import BackendUnavailable
+from helpers import DISTRIBUTIONS, DTYPES, SIZES, Z_TOL, ulp
+
+HAS_CPP = "cpp" in fastzo.available_backends()
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="fastzo._C is not built")
+EPS = 1e-3
+
+KNOWN_ANSWERS = [  # Random123 kat_vectors, as in docs/noise.md
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+def _C():
+    return backends.get_backend("cpp").load_extension()
+
+
+def random_weights(n, dtype, gen, std=0.02):
+    return (torch.randn(n, generator=gen) * std).to(dtype)
+
+
+def assert_stored_like_oracle(got, want_f32, distribution, scale_of_z):
+    """Rademacher: the bits of the oracle's float32 result rounded to nearest. Gaussian: within
+    what a z error of Z_TOL can do (float32), or one ulp on rare rounding boundaries (16-bit)."""
+    want = want_f32.to(got.dtype)
+    if distribution == "rademacher":
+        assert torch.equal(got, want)
+        return
+    diff = (got.double() - want.double()).abs()
+    if got.dtype == torch.float32:
+        assert (diff <= scale_of_z * Z_TOL + ulp(want_f32, torch.float32)).all(), diff.max()
+    else:
+        shift = scale_of_z * Z_TOL
+        assert (diff <= ulp(want_f32.abs() + shift, got.dtype) * 1.01 + shift).all(), diff.max()
+        assert (diff > 0).double().mean() < 0.01
+
+
+# --- the extension itself -------------------------------------------------------------------
+
+def test_extension_is_built_when_the_build_is_strict():
+    """CI builds with FASTZO_STRICT_BUILD=1: there the backend must exist, not be skipped."""
+    if os.environ.get("FASTZO_STRICT_BUILD") != "1":
+        pytest.skip("FASTZO_STRICT_BUILD is not set")
+    assert HAS_CPP, backends._errors.get("cpp")
+
+
+@needs_cpp
+@pytest.mark.parametrize("counter,key,expected", KNOWN_ANSWERS)
+def test_philox_known_answers(counter, key, expected):
+    out = _C().philox4x32_10(torch.tensor([counter], dtype=torch.int64), *key)
+    assert tuple(out[0].tolist()) == expected
+
+
+@needs_cpp
+def test_philox_words_equal_the_oracle(gen):
+    counters = torch.randint(0, 2**32, (4096, 4), generator=gen, dtype=torch.int64)
+    key = tuple(int(k) for k in torch.randint(0, 2**32, (2,), generator=gen, dtype=torch.int64))
+    assert torch.equal(_C().philox4x32_10(counters, *key), noise.philox4x32_10(counters, key))
+
+
+@needs_cpp
+def test_extension_checks_its_input():
+    C = _C()
+    with pytest.raises(RuntimeError, match="int64"):
+        C.philox4x32_10(torch.zeros(2, 4, dtype=torch.int32), 0, 0)
+    w = torch.ones(10)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        C.cpu_perturb_([w, torch.ones(4, 4).t()], [0, 1], [0, 0], 1, 0.5, "gaussian")
+    with pytest.raises(RuntimeError, match="twice"):
+        C.cpu_perturb_([w, torch.ones(3)], [4, 4], [0, 0], 1, 0.5, "gaussian")
+    with pytest.raises(RuntimeError, match="distribution"):
+        C.cpu_perturb_([w], [0], [0], 1, 0.5, "uniform")
+    assert torch.equal(w, torch.ones(10))  # checked before anything was written
+
+
+# --- noise and stored results against the oracle ---------------------------------------------
+
+@needs_cpp
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("offset", [0, 5, 2**35 + 3])
+def test_noise_matches_the_oracle(distribution, n, offset):
+    """Perturbing zeros by 1.0 stores z itself."""
+    seed, key = 2**64 - 12345, 2**32 - 7
+    w = torch.zeros(n)
+    fastzo.perturb_([w], seed, 1.0, keys=[key], offsets=[offset], distribution=distribution,
+                    backend="cpp")
+    z = fastzo.zo_noise(n, seed, key, offset=offset, distribution=distribution)
+    if distribution == "rademacher":
+        assert torch.equal(w, z)
+    else:
+        assert (w - z).abs().max().item() <= Z_TOL
+
+
+@needs_cpp
+def test_gaussian_is_accurate_near_u_equal_one():
+    """x >> 8 close to 2^24 - 1 (u close to 1, small radius) is where a float32 u would round
+    away 2^-25 and miss the 2e-5 tolerance; find such Philox calls and check them."""
+    seed, key, n_groups = 3, 1, 1 << 21
+    counters = noise.counters_for(torch.arange(n_groups), key, noise.STREAM_GAUSSIAN)
+    words = noise.philox4x32_10(counters, noise.split_seed(seed))
+    near_one = ((words[:, 0] >> 8) >= 2**24 - 64) | ((words[:, 2] >> 8) >= 2**24 - 64)
+    groups = near_one.nonzero().flatten().tolist()
+    assert groups, "no Philox call with u near 1 in the sample"
+    for g in groups[:20]:
+        w = torch.zeros(4)
+        fastzo.perturb_([w], seed, 1.0, keys=[key], offsets=[4 * g], backend="cpp")
+        z = fastzo.zo_noise(4, seed, key, offset=4 * g)
+        assert (w - z).abs().max().item() <= 1e-6
+
+
+@needs_cpp
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_perturb_stores_the_oracle_result(distribution, dtype, n, gen):
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen)) * 4 + 1
+    w = random_weights(n, dtype, gen)
+    z = fastzo.zo_noise(n, seed, 11, offset=7, distribution=distribution)
+    want = w.float() + torch.tensor(-2 * EPS, dtype=torch.float32) * z
+    fastzo.perturb_([w], seed, -2 * EPS, keys=[11], offsets=[7], distribution=distribution,
+                    backend="cpp")
+    assert_stored_like_oracle(w, want, distribution, 2 * EPS)
+
+
+@needs_cpp
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_restore_and_update_stores_the_oracle_result(distribution, dtype, gen):
+    n, seed, key, lr, g, wd = 4097, 99, 4, 1e-2, -0.5, 0.1
+    w = random_weights(n, dtype, gen)
+    z = fastzo.zo_noise(n, seed, key, distribution=distribution)
+    decay = fastzo.ops.as_float32(1 - lr * wd, "decay")
+    step = fastzo.ops.as_float32(lr * g, "step")
+    want = (w.float() + EPS * z) * decay - step * z
+    fastzo.restore_and_update_([w], seed, EPS, lr, g, wd, keys=[key], distribution=distribution,
+                               stochastic_rounding=False, backend="cpp")
+    assert_stored_like_oracle(w, want, distribution, EPS + abs(step))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stochastic_rounding", [False, True])
+def test_16bit_stores_equal_the_torch_backend_bitwise(dtype, stochastic_rounding, gen):
+    """Rademacher z is exact, so the stored bits must be the torch backend's, for both rounding
+    modes, over the whole range: subnormals, zeros, overflow to inf, inf and NaN."""
+    n = 65536
+    low, high = (-30, 17) if dtype == torch.float16 else (-140, 128)
+    magnitude = torch.exp2(torch.empty(n).uniform_(low, high, generator=gen))
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    w = (magnitude * sign).to(dtype)
+    w[:6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1.0])
+    if dtype == torch.float16:
+        w[6:10] = torch.tensor([65504.0, -65504.0, 6e-8, -6e-8])  # largest finite, subnormals
+    else:
+        w[6:10] = torch.tensor([3.38e38, -3.38e38, 1e-40, -1e-40])
+    ref = w.clone()
+    # decay > 1 pushes the largest values over the format's range; the step moves small ones.
+    args = dict(seed=7, eps=3e-3, lr=1e-3, projected_grad=0.37, weight_decay=-80.0, keys=[2],
+                distribution="rademacher", stochastic_rounding=stochastic_rounding)
+    fastzo.restore_and_update_([w], backend="cpp", **args)
+    fastzo.restore_and_update_([ref], backend="torch", **args)
+    nan = ref.isnan()
+    assert torch.equal(w.isnan(), nan)
+    assert torch.equal(w[~nan].view(torch.int16), ref[~nan].view(torch.int16))
+    assert w.isinf().sum() > 2  # the overflow really happened
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_equals_the_torch_backend(dtype, gen):
+    w = random_weights(278011, dtype, gen)
+    ref = w.clone()
+    args = dict(seed=31337, eps=EPS, lr=1e-4, projected_grad=0.3, keys=[5], offsets=[1000003],
+                distribution="rademacher", stochastic_rounding=True)
+    fastzo.restore_and_update_([w], backend="cpp", **args)
+    fastzo.restore_and_update_([ref], backend="torch", **args)
+    assert torch.equal(w, ref)
+
+
+# --- invariances -----------------------------------------------------------------------------
+
+@needs_cpp
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_shards_equal_the_whole_tensor(distribution, gen):
+    n = 70001
+    w = random_weights(n, torch.float32, gen)
+    whole = w.clone()
+    fastzo.perturb_([whole], 42, EPS, keys=[3], distribution=distribution, backend="cpp")
+    cuts = sorted({int(c) for c in torch.randint(1, n, (4,), generator=gen)} | {129, 16384, 16389})
+    bounds = [0, *cuts, n]
+    shards = [w[a:b].clone() for a, b in zip(bounds[:-1], bounds[1:])]
+    for shard, a in zip(shards, bounds[:-1]):
+        fastzo.perturb_([shard], 42, EPS, keys=[3], offsets=[a], distribution=distribution,
+                        backend="cpp")
+    assert torch.equal(torch.cat(shards), whole)
+
+
+@needs_cpp
+def test_multi_tensor_call_equals_one_call_per_tensor(gen):
+    sizes = [1, 3, 128, 1000, 16385, 40000, 7]
+    dtypes = [DTYPES[i % 3] for i in range(len(sizes))]
+    tensors = [random_weights(n, dt, gen) for n, dt in zip(sizes, dtypes)]
+    keys = [9, 2, 2**32 - 1, 0, 5, 77, 13]
+    offsets = [0, 2**40 + 1, 5, 0, 16383, 3, 2**62 - 7]
+    singles = [t.clone() for t in tensors]
+    args = dict(seed=2**63, eps=EPS, lr=1e-3, projected_grad=2.0, stochastic_rounding=True)
+    fastzo.restore_and_update_(tensors, keys=keys, offsets=offsets, backend="cpp", **args)
+    for t, k, o in zip(singles, keys, offsets):
+        fastzo.restore_and_update_([t], keys=[k], offsets=[o], backend="cpp", **args)
+    for a, b in zip(tensors, singles):
+        assert torch.equal(a, b)
+
+
+@needs_cpp
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_result_does_not_depend_on_the_thread_count(distribution, dtype, gen):
+    w = random_weights(300007, dtype, gen)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 3):
+            torch.set_num_threads(n_threads)
+            t = w.clone()
+            fastzo.perturb_([t], 5, EPS, distribution=distribution, backend="cpp")
+            fastzo.restore_and_update_([t], 5, 0.5 * EPS, 1e-3, 0.1, distribution=distribution,
+                                       backend="cpp")
+            results.append(t)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+@needs_cpp
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_round_trip(distribution, gen):
+    """+eps, -2 eps, +eps returns float32 weights to within float32 rounding of the steps,
+    exactly as the torch backend does for Rademacher z."""
+    w0 = random_weights(278011, torch.float32, gen)
+    w, ref = w0.clone(), w0.clone()
+    for scale in (EPS, -2 * EPS, EPS):
+        fastzo.perturb_([w], 5, scale, distribution=distribution, backend="cpp")
+        fastzo.perturb_([ref], 5, scale, distribution=distribution, backend="torch")
+    z = fastzo.zo_noise(w0.numel(), 5, 0, distribution=distribution)
+    bound = 2 * ulp(w0.abs() + 2 * EPS * z.abs(), torch.float32)
+    assert ((w.double() - w0.double()).abs() <= bound).all()
+    if distribution == "rademacher":
+        assert torch.equal(w, ref)
+
+
+@needs_cpp
+def test_bad_input_leaves_tensors_untouched(gen):
+    w = random_weights(1000, torch.float32, gen)
+    before = w.clone()
+    bad_calls = [
+        dict(tensors=[w, torch.ones(4, 4).t()]),             # not contiguous
+        dict(tensors=[w, torch.ones(3, dtype=torch.int32)]),  # not a float dtype
+        dict(tensors=[w, w]),                                 # the same tensor twice
+        dict(tensors=[w, torch.ones(3)], keys=[1, 1]),        # duplicate keys
+        dict(tensors=[w], offsets=[-1]),
+        dict(tensors=[w], seed=2**64),
+        dict(tensors=[w], distribution="uniform"),
+    ]
+    for call in bad_calls:
+        kwargs = {"seed": 1, **call}
+        with pytest.raises((TypeError, ValueError)):
+            fastzo.perturb_(kwargs.pop("tensors"), kwargs.pop("seed"), EPS, backend="cpp", **kwargs)
+        assert torch.equal(w, before)
+
+
+# --- dispatch and fallback -------------------------------------------------------------------
+
+def test_available_backends_reflect_the_build():
+    names = fastzo.available_backends()
+    try:
+        from fastzo import _C
+    except ImportError:
+        assert "cpp" not in names and "cuda" not in names
+        return
+    assert "cpp" in names
+    assert ("cuda" in names) == (bool(_C.HAS_CUDA) and torch.cuda.is_available())
+
+
+@needs_cpp
+def test_cpu_dispatch_picks_cpp_without_the_triton_interpreter(monkeypatch):
+    if "triton" in fastzo.available_backends():
+        from fastzo.backends import triton_backend
+        monkeypatch.setattr(triton_backend, "INTERPRET", False)
+    assert backends.pick_backend(torch.device("cpu")) == "cpp"
+
+
+@pytest.fixture
+def extension_missing(monkeypatch):
+    """fastzo._C cannot be imported; the registry and cpp_backend are loaded afresh."""
+    monkeypatch.setitem(sys.modules, "fastzo._C", None)  # import raises ImportError
+    if hasattr(fastzo, "_C"):
+        monkeypatch.delattr(fastzo, "_C")
+    for name in ("cpp_backend", "cuda_backend"):
+        module = f"fastzo.backends.{name}"
+        if module in sys.modules:
+            monkeypatch.delitem(sys.modules, module)
+            monkeypatch.setattr(backends, name, getattr(backends, name, None), raising=False)
+    monkeypatch.setattr(backends, "_loaded", {})
+    monkeypatch.setattr(backends, "_errors", {})
+
+
+def test_missing_extension_falls_back_and_says_why(extension_missing, gen):
+    assert "cpp" not in fastzo.available_backends()
+    assert "cuda" not in fastzo.available_backends()
+    w = random_weights(100, torch.float32, gen)
+    with pytest.raises(BackendUnavailable, match="fastzo._C is not available") as info:
+        fastzo.perturb_([w], 1, EPS, backend="cpp")
+    assert isinstance(info.value.__cause__, ImportError)
+    assert isinstance(info.value.__cause__.__cause__, ImportError)  # the original import error
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        fastzo.perturb_([w], 1, EPS, backend="cuda")
+    ref = w.clone()
+    fastzo.perturb_([w], 1, EPS)  # dispatch falls back to another backend
+    fastzo.perturb_([ref], 1, EPS, backend="torch")
+    assert (w - ref).abs().max() <= EPS * Z_TOL + 1e-7
+
+
+def test_import_without_the_extension_in_a_fresh_process():
+    code = (
+        "import sys; sys.modules['fastzo._C'] = None\n"
+        "import torch, fastzo\n"
+        "assert 'cpp' not in fastzo.available_backends()\n"
+        "w = torch.zeros(10); fastzo.perturb_([w], 1, 1.0)\n"
+        "assert torch.equal(w, fastzo.zo_noise(10, 1, 0))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the plain CPU path: torch backend
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+# --- CUDA ------------------------------------------------------------------------------------
+
+def _cuda_available():
+    return torch.cuda.is_available() and "cuda" in fastzo.available_backends()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU and fastzo._C built with CUDA")
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_cuda_perturb_matches_the_oracle(distribution, dtype, n, gen):
+    w = random_weights(n, dtype, gen).cuda()
+    z = fastzo.zo_noise(n, 77, 6, offset=3, distribution=distribution).cuda()
+    want = w.float() + torch.tensor(EPS, dtype=torch.float32) * z
+    fastzo.perturb_([w], 77, EPS, keys=[6], offsets=[3], distribution=distribution, backend="cuda")
+    assert_stored_like_oracle(w, want, distribution, EPS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU and fastzo._C built with CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_equals_cpp(dtype, gen):
+    """Rademacher passes are bit-identical across devices; several tensors, odd offsets and
+    misaligned views exercise the scalar edges of the vectorised kernel."""
+    base = random_weights(300011, dtype, gen)
+    views = [base[1:1001], base[2000:2001], base[4096:200000], base[200003:]]
+    keys, offsets = [1, 2, 3, 4], [0, 13, 2**33 + 8, 5]
+    args = dict(seed=2**64 - 1, eps=EPS, lr=1e-3, projected_grad=0.7, weight_decay=0.01,
+                keys=keys, offsets=offsets, distribution="rademacher", stochastic_rounding=True)
+    cpu = [v.clone() for v in views]
+    gpu = [v.cuda() for v in views]
+    fastzo.restore_and_update_(cpu, backend="cpp" if HAS_CPP else "torch", **args)
+    fastzo.restore_and_update_(gpu, backend="cuda", **args)
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())
+    fastzo.perturb_(cpu, 3, EPS, keys=keys, offsets=offsets, backend="cpp" if HAS_CPP else "torch")
+    fastzo.perturb_(gpu, 3, EPS, keys=keys, offsets=offsets, backend="cuda")
+    for a, b in zip(cpu, gpu):
+        assert_stored_like_oracle(b.cpu(), a.float(), "gaussian", 2 * EPS)
