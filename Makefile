@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/fastzo demo
+	$(VENV)/bin/fastzo bench
 
 test: setup
 	$(PY) -m pytest -q -ra
