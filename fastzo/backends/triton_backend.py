@@ -139,7 +139,10 @@ if triton is not None:
         frac = (y_abs - t_abs) / gap
         u = (rbits.to(tl.float32) + 0.5) * 1.52587890625e-05  # 2**-16
         chosen = tl.where(u < frac, away, toward)
-        exact = (_to_f32(toward, IS_BF16) == y) | (y_abs == float("inf")) | (y != y) | (gap == float("inf"))
+        # representable, inf/NaN input, or overflow (the next value away is inf): keep nearest
+        not_finite = (y.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
+        gap_not_finite = (gap.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
+        exact = (_to_f32(toward, IS_BF16) == y) | not_finite | gap_not_finite
         bits = tl.where(exact, nearest, chosen).to(tl.int16)
         tl.store(ptrs, bits.to(DTYPE, bitcast=True), mask=mask)
 
@@ -151,7 +154,8 @@ if triton is not None:
         halves = tl.interleave(words & 0xFFFF, words >> 16)
         return halves.to(tl.int32)
 
-    @triton.jit
+    # Integer scalars equal to 1 would be specialised into constants; seeds and counts must not.
+    @triton.jit(do_not_specialize=["n_tensors", "seed_lo", "seed_hi", "next_lo", "next_hi"])
     def _zo_pass_kernel(
         addr_table, numel_table, key_table, offset_table, n_tensors,
         seed_lo, seed_hi, a, decay, b, next_lo, next_hi, a_next,
