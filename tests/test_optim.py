@@ -11,7 +11,10 @@ from helpers import DEVICE, fast_backends, ulp
 
 # The optimizer's logic does not depend on the backend; the oracle keeps these tests fast under
 # the Triton interpreter. Backend agreement is tested in test_backends_follow_the_same_trajectory.
-DEFAULT_BACKEND = "cpp" if "cpp" in fastzo.available_backends() else "torch"
+if DEVICE.type == "cuda":
+    DEFAULT_BACKEND = None  # the fastest GPU backend
+else:
+    DEFAULT_BACKEND = "cpp" if "cpp" in fastzo.available_backends() else "torch"
 
 
 def MeZO(*args, **kwargs):
