@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import noise, ops
+from . import distributed, noise, ops
 
 ESTIMATORS = ("central", "forward")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -118,13 +118,21 @@ class MeZO(torch.optim.Optimizer):
         stochastic_rounding: for 16-bit weights round the update stochastically (default on).
         exact_perturbation: reserved for bit-exact reversible 16-bit perturbation.
         trajectory: path of a JSON-lines file to append each step's record to (for replay).
+        process_group: data parallelism (docs/distributed.md): each rank evaluates the closure on
+            its own shard of the batch and every step all-gathers the ranks' losses (one small
+            collective), so all ranks apply the same update. None (default): no communication,
+            even when torch.distributed is initialized. Required for sharded DTensor / FSDP2
+            parameters, whose local shards are perturbed in place at their global offsets.
+        split_directions: deal the q directions round-robin to the ranks of process_group (each
+            rank 2⌈q/W⌉ forwards instead of 2q); all q directions are evaluated at the same θ.
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                  backend: str | None = None, distribution: str = "gaussian", *, num_directions: int = 1,
                  estimator: str = "central", sign: bool = False, fused_steps: bool = False,
                  on_nonfinite: str = "raise", stochastic_rounding: bool | None = None,
-                 exact_perturbation: bool | None = None, trajectory: str | os.PathLike | None = None):
+                 exact_perturbation: bool | None = None, trajectory: str | os.PathLike | None = None,
+                 process_group=None, split_directions: bool = False):
         lr = _check_number("lr", lr, minimum=0.0)
         eps = _check_number("eps", eps, strictly_positive=True)
         weight_decay = _check_number("weight_decay", weight_decay, minimum=0.0)
@@ -138,6 +146,8 @@ class MeZO(torch.optim.Optimizer):
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
         if fused_steps and (estimator != "central" or num_directions != 1):
             raise ValueError("fused_steps supports the central estimator with one direction")
+        if split_directions and (fused_steps or trajectory is not None):
+            raise ValueError("split_directions does not support fused_steps or trajectory")
         if exact_perturbation:
             raise NotImplementedError("exact_perturbation is not available in this version")
         if backend is not None:
@@ -169,6 +179,10 @@ class MeZO(torch.optim.Optimizer):
         self.last_step: StepRecord | None = None
         self._pending: _Pending | None = None
         self._trajectory_path = os.fspath(trajectory) if trajectory is not None else None
+        distributed.check_params(self, process_group)
+        self._dist = None
+        if process_group is not None or split_directions:
+            self._dist = distributed.Coordinator(self, process_group, split_directions)
         if self._trajectory_path is not None:
             self._write_trajectory_header()
 
@@ -190,18 +204,21 @@ class MeZO(torch.optim.Optimizer):
 
     def _buckets(self, per_group):
         """Group (param, key) by device and by the per-group values, one kernel call each."""
-        buckets: dict[tuple, tuple[list, list]] = {}
+        buckets: dict[tuple, tuple[list, list, list]] = {}
         for gi, p, key in self._tensor_keys():
-            ident = (p.device, per_group(gi))
-            tensors, keys = buckets.setdefault(ident, ([], []))
-            tensors.append(p.data)
+            tensor, offset = distributed.local_view(p)  # a shard: its global element offset
+            tensors, keys, offsets = buckets.setdefault((tensor.device, per_group(gi)), ([], [], []))
+            tensors.append(tensor)
             keys.append(key)
+            offsets.append(offset)
         return buckets
 
     def _perturb(self, seed: int, scales: list[float]):
-        for (_, scale), (tensors, keys) in self._buckets(lambda gi: scales[gi]).items():
-            ops.perturb_(tensors, seed, scale, keys=keys, distribution=self.distribution,
-                         backend=self.backend)
+        for (_, scale), (tensors, keys, offsets) in self._buckets(lambda gi: scales[gi]).items():
+            ops.perturb_(tensors, seed, scale, keys=keys, offsets=offsets,
+                         distribution=self.distribution, backend=self.backend)
+        if self._dist is not None:
+            self._dist.after_pass()
 
     def _restore_and_update(self, seed, eps_list, grads, next_seed=None, next_scales=None):
         def per_group(gi):
@@ -209,13 +226,15 @@ class MeZO(torch.optim.Optimizer):
             nxt = next_scales[gi] if next_scales is not None else None
             return eps_list[gi], float(group["lr"]), grads[gi], float(group["weight_decay"]), nxt
 
-        for (_, (eps, lr, g, wd, nxt)), (tensors, keys) in self._buckets(per_group).items():
-            common = dict(keys=keys, distribution=self.distribution,
+        for (_, (eps, lr, g, wd, nxt)), (tensors, keys, offsets) in self._buckets(per_group).items():
+            common = dict(keys=keys, offsets=offsets, distribution=self.distribution,
                           stochastic_rounding=self.stochastic_rounding, backend=self.backend)
             if next_seed is None:
                 ops.restore_and_update_(tensors, seed, eps, lr, g, wd, **common)
             else:
                 ops.restore_update_and_perturb_(tensors, seed, eps, lr, g, wd, next_seed, nxt, **common)
+        if self._dist is not None:
+            self._dist.after_pass()
 
     def _eps_list(self):
         return [float(g["eps"]) for g in self.param_groups]
@@ -226,11 +245,15 @@ class MeZO(torch.optim.Optimizer):
 
     def _evaluate(self, closure) -> float:
         with torch.no_grad():
+            if self._dist is not None:  # a raising closure is reported at the loss exchange
+                return self._dist.evaluate(self, closure)
             value = _as_scalar(closure())
         return value
 
     def _reduce_losses(self, values: list[float]) -> list[float]:
-        """Hook for data parallelism: combine the losses of all ranks (identity here)."""
+        """Data parallelism: the losses averaged over the ranks (identity without a group)."""
+        if self._dist is not None:
+            return self._dist.reduce(self, values)
         return values
 
     @torch.no_grad()
@@ -255,6 +278,10 @@ class MeZO(torch.optim.Optimizer):
         return record.loss
 
     def _step(self, closure):
+        if self._dist is not None:
+            self._dist.begin_step()
+            if self._dist.split:
+                return self._dist.split_step(self, closure)
         t = self.step_count
         eps_list = self._eps_list()
         q = self.num_directions
