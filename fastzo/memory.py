@@ -455,6 +455,8 @@ def model_activation_terms(spec: TransformerSpec, run: RunSpec) -> dict[str, flo
     d = _dims(spec, run)
     T, p = d["T"], run.act_bytes
     terms = {"token ids and targets": 2 * d["tokens"] * 8}
+    if spec.family == "llama" and run.implementation == "eager":
+        terms["rotary cos/sin"] = 2 * run.seq_len * spec.dim_head * FP32  # shared by all layers
     if spec.family in ("gpt2", "opt") and _dropout(spec, run, "hidden_dropout"):
         terms["embedding dropout mask"] = T * MASK_BYTES
     if spec.final_norm:
@@ -473,13 +475,13 @@ def model_activation_terms(spec: TransformerSpec, run: RunSpec) -> dict[str, flo
 
 
 def stored_activations(spec: TransformerSpec, run: RunSpec, checkpointed: int = 0) -> float:
-    """Activations held at the end of the forward pass of BP, with ``checkpointed`` of the L
-    layers keeping only their input (plus, while one of them is recomputed, its activations)."""
+    """Activations BP keeps from the forward pass for the backward pass, with ``checkpointed``
+    of the L layers keeping only their input (the layer being recomputed is a transient, see
+    ``bp_activation_peak``)."""
     per_layer = layer_activations(spec, run)
     T = _dims(spec, run)["T"]
     kept = (spec.num_layers - checkpointed) * per_layer + checkpointed * T * run.act_bytes
     if checkpointed:
-        kept += per_layer  # the layer being recomputed during the backward pass
         kept += _mask_bytes(spec, run)  # the recomputation needs the causal mask again
     return kept + sum(model_activation_terms(spec, run).values())
 
@@ -538,29 +540,48 @@ def forward_working_set(spec: TransformerSpec, run: RunSpec) -> dict[str, float]
     mlp = base + 2 * T * p + mlp_tensors * F * p + probs_kept
     logits = d["logits"]
     head = base + T * p + logits * p + logits * FP32
-    if p < FP32:
-        head += logits * FP32  # the float32 upcast of the logits next to its log-softmax
+    if p < FP32 and eager:
+        head += logits * FP32  # transformers' float32 upcast of the logits before the loss
     return {"attention": attention, "mlp": mlp, "output head": head}
 
 
 def backward_transients(spec: TransformerSpec, run: RunSpec) -> dict[str, float]:
-    """Bytes the backward pass holds on top of the stored activations, by phase, net of what
-    that phase has already released."""
+    """Activation bytes the backward pass holds on top of the stored activations, by phase, net
+    of what that phase has already released (gradients of weights not included)."""
     d = _dims(spec, run)
     S, F, p = d["S"], d["F"], run.act_bytes
-    g = run.gradient_bytes
-    head_grad = spec.vocab_size * spec.word_embed_dim * g
     # loss: nll gradient and d logits, both float32 (and d logits cast back when p < 4)
-    head = 2 * d["logits"] * FP32 + (d["logits"] * p if p < FP32 else 0) + head_grad
+    head = 2 * d["logits"] * FP32
+    if p < FP32 and run.implementation == "eager":
+        head += d["logits"] * p  # d logits cast back to the activation dtype
     attention_half, mlp_half = layer_activation_split(spec, run)
     if run.attention == "flash":
         attention = 0.0
     else:
         # gradient of the probabilities and of the scores while the probabilities are still held
         attention = S * (p + _softmax_bytes(spec, run))
-    attention += head_grad + layer_parameters(spec) * g - mlp_half
-    mlp = head_grad + 2 * F * p
+    # by the time the top layer runs its backward, the loss, the output head and the final norm
+    # have released what they saved (token ids aside)
+    head_released = sum(value for key, value in model_activation_terms(spec, run).items()
+                        if key not in ("token ids and targets", "rotary cos/sin"))
+    attention += -mlp_half - head_released
+    mlp = 2 * F * p - head_released
     return {"output head": head, "attention": attention, "mlp": mlp}
+
+
+def bp_activation_peak(spec: TransformerSpec, run: RunSpec, checkpointed: int = 0) -> float:
+    """Peak activation bytes of a BP step: the stored activations plus the largest backward
+    transient; with checkpointing, plus one recomputed layer (its forward temporaries, then its
+    activations and their gradients)."""
+    stored = stored_activations(spec, run, checkpointed)
+    transients = backward_transients(spec, run)
+    layer_backward = max(transients["attention"], transients["mlp"])
+    if not checkpointed:
+        return stored + max(transients["output head"], layer_backward)
+    recompute_forward = forward_working_set(spec, run)["attention"] - forward_persistent(spec, run)
+    return stored + max(transients["output head"],
+                        layer_activations(spec, run) + layer_backward,
+                        recompute_forward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,13 +594,14 @@ class MethodMemory:
     weights: float
     gradients: float
     optimizer_state: float
-    activations: float  # BP: stored for backward; MeZO: one forward's transient peak
-    step_peak: float  # the timeline model of one step (what a fresh process measures)
+    stored_activations: float  # kept from the forward for the backward (Korthikanti's term)
+    activations: float  # peak activation memory: stored + transients; MeZO: one forward's peak
+    step_peak: float  # timeline of one first step from a fresh start (what validation measures)
     checkpointed_layers: int = 0
 
     @property
     def total(self) -> float:
-        """The paper's sum: weights + gradients + optimizer state + activations."""
+        """weights + gradients + optimizer state + peak activations."""
         return self.weights + self.gradients + self.optimizer_state + self.activations
 
 
@@ -609,26 +631,18 @@ def _bp(spec, run, params, checkpointed, name) -> MethodMemory:
     grads = params * run.gradient_bytes
     state = params * OPTIMIZERS[run.optimizer] * run.optimizer_state_bytes
     stored = stored_activations(spec, run, checkpointed)
-    transients = backward_transients(spec, run)
-    layer_backward = max(transients["attention"], transients["mlp"])
-    if checkpointed:
-        # Peak of the backward pass: the kept inputs plus either the loss gradient, or one
-        # recomputed layer (its forward temporaries, then its activations and their gradients).
-        base = stored - layer_activations(spec, run)
-        recompute_forward = forward_working_set(spec, run)["attention"] \
-            - forward_persistent(spec, run)
-        backward = base + max(transients["output head"],
-                              layer_activations(spec, run) + layer_backward,
-                              recompute_forward)
-    else:
-        backward = stored + max(transients["output head"], layer_backward)
-    # The optimizer's first step allocates its state; torch's per-tensor implementation (the
-    # default on CPU) adds about two temporaries of the largest weight for Adam.
+    peak_activations = bp_activation_peak(spec, run, checkpointed)
+    # Step timeline: gradients are allocated during the backward pass, the activation peak comes
+    # early in it (only the output head's and the top layer's gradients exist then); the
+    # optimizer's first step then allocates its state, and torch's per-tensor Adam (the default
+    # on CPU) about two temporaries of the largest weight.
+    early_grads = (spec.vocab_size * spec.word_embed_dim + layer_parameters(spec)) \
+        * run.gradient_bytes
     optimizer_temps = (2 * largest_parameter(spec) * run.optimizer_state_bytes
                        if run.optimizer == "adam" else 0.0)
-    optimizer_phase = grads + state + optimizer_temps
-    peak = weights + max(backward, optimizer_phase)
-    return MethodMemory(name, weights, grads, state, stored, peak, checkpointed)
+    step_peak = weights + max(peak_activations + early_grads, grads + state + optimizer_temps)
+    return MethodMemory(name, weights, grads, state, stored, peak_activations, step_peak,
+                        checkpointed)
 
 
 def estimate(model, run: RunSpec | None = None, **run_settings) -> MemoryEstimate:
@@ -644,7 +658,7 @@ def estimate(model, run: RunSpec | None = None, **run_settings) -> MemoryEstimat
     weights = params * run.weight_bytes
     working = max(forward_working_set(spec, run).values())
     working = max(working, run.perturbation_workspace)
-    mezo = MethodMemory("MeZO", weights, 0.0, 0.0, working, weights + working)
+    mezo = MethodMemory("MeZO", weights, 0.0, 0.0, 0.0, working, weights + working)
     return MemoryEstimate(spec, run, params, bp, bp_ckpt, mezo)
 
 
@@ -798,7 +812,8 @@ def format_table(est: MemoryEstimate) -> str:
         f"{'GiB':<26}{'BP':>10}{'BP+ckpt':>12}{'MeZO':>10}",
     ]
     rows = [("weights", "weights"), ("gradients", "gradients"),
-            ("optimizer state", "optimizer_state"), ("activations", "activations"),
+            ("optimizer state", "optimizer_state"),
+            ("activations stored", "stored_activations"), ("activations, peak", "activations"),
             ("total", "total"), ("peak of one step", "step_peak")]
     for label, field in rows:
         values = [getattr(m, field) for m in est.methods()]
