@@ -1,6 +1,115 @@
-"""Build script. The C++/CUDA extension fastzo._C is optional; see README "Native extension"."""
+"""Build script. The C++/CUDA extension fastzo._C is optional; see docs/native.md.
+
+- The CPU kernels (backend "cpp") are built whenever torch is importable at build time
+  (``pip install --no-build-isolation``) and a C++ compiler works.
+- The CUDA kernels (backend "cuda") are added only when torch itself was built with CUDA
+  (``torch.version.cuda``) and nvcc is found. The CUDA toolkit is never probed otherwise.
+- A failed build warns and installs the pure-Python package (backends torch/triton remain),
+  unless ``FASTZO_STRICT_BUILD=1``, which makes it an error. ``FASTZO_SKIP_EXTENSION=1`` skips
+  the extension.
+"""
+
+import os
+import sys
+import warnings
 
 from setuptools import find_packages, setup
+
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+STRICT = _flag("FASTZO_STRICT_BUILD")
+SKIP = _flag("FASTZO_SKIP_EXTENSION")
+
+
+def _say(message: str) -> None:
+    print(f"fastzo: {message}", file=sys.stderr)
+
+
+def _native_extension():
+    """(ext_modules, cmdclass) for fastzo._C, or ([], {}) when it cannot be built here."""
+    if SKIP:
+        _say("FASTZO_SKIP_EXTENSION is set: installing without the C++/CUDA extension")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # e.g. an isolated build environment without torch
+        if STRICT:
+            raise RuntimeError(
+                "FASTZO_STRICT_BUILD=1 but torch cannot be imported at build time; install torch "
+                "first and build with `pip install --no-build-isolation`"
+            ) from exc
+        _say(f"torch is not importable at build time ({exc}); installing without the extension. "
+             "Install torch first and use `pip install --no-build-isolation` to build it.")
+        return [], {}
+
+    csrc = os.path.join("csrc")
+    sources = [os.path.join(csrc, "bindings.cpp"), os.path.join(csrc, "cpu_kernels.cpp")]
+    # -ffp-contract=off: the update must round like the oracle's separate multiply and add;
+    # -fno-math-errno: sqrtf becomes one instruction, so the noise loops vectorise.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+    define_macros = []
+    with_cuda = False
+    if torch.version.cuda is not None:
+        # Only now is the toolkit looked for: CUDA_HOME is None when torch has no CUDA.
+        nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
+        with_cuda = bool(cpp_extension.CUDA_HOME) and os.path.exists(nvcc)
+        if not with_cuda:
+            _say(f"torch {torch.__version__} has CUDA {torch.version.cuda} but nvcc was not found "
+                 "(set CUDA_HOME); building the CPU kernels only")
+    if with_cuda:
+        sources.append(os.path.join(csrc, "cuda_kernels.cu"))
+        define_macros.append(("FASTZO_WITH_CUDA", "1"))
+        # --fmad=false: no implicit FMA contraction, so the device rounds the update like the
+        # oracle; the noise polynomials use explicit fmaf where they want it.
+        extra = {"cxx": cxx_flags, "nvcc": ["-O3", "--fmad=false"]}
+        extension = cpp_extension.CUDAExtension(
+            "fastzo._C", sources, define_macros=define_macros, extra_compile_args=extra,
+            depends=[os.path.join(csrc, "noise_contract.h"), os.path.join(csrc, "kernels.h")],
+        )
+    else:
+        extension = cpp_extension.CppExtension(
+            "fastzo._C", sources, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            depends=[os.path.join(csrc, "noise_contract.h"), os.path.join(csrc, "kernels.h")],
+        )
+
+    class BuildNativeExtension(cpp_extension.BuildExtension):
+        """torch's BuildExtension (ninja), made optional unless FASTZO_STRICT_BUILD=1."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:
+                if STRICT:
+                    raise
+                message = (
+                    f"building the C++/CUDA extension fastzo._C failed ({type(exc).__name__}: "
+                    f"{exc}); installing without it. Backends 'cpp'/'cuda' will be unavailable; "
+                    "set FASTZO_STRICT_BUILD=1 to make this an error, FASTZO_SKIP_EXTENSION=1 "
+                    "to skip it."
+                )
+                _say(message)
+                warnings.warn(message)
+
+        def get_outputs(self):
+            # Only what was really built, so a failed build leaves nothing missing to install.
+            return [path for path in super().get_outputs() if os.path.exists(path)]
+
+        def get_output_mapping(self):
+            mapping = super().get_output_mapping()
+            return {dst: src for dst, src in mapping.items() if os.path.exists(src)}
+
+    kind = "C++ and CUDA" if with_cuda else "C++ (CPU)"
+    _say(f"building the {kind} extension fastzo._C with torch {torch.__version__}")
+    return [extension], {"build_ext": BuildNativeExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _native_extension()
 
 setup(
     name="fastzo",
@@ -15,4 +124,6 @@ setup(
         "test": ["pytest", "scipy"],
     },
     entry_points={"console_scripts": ["fastzo=fastzo.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

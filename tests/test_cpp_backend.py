@@ -1,9 +1,12 @@
 """The native backends: "cpp" (CPU kernels of fastzo._C) against the oracle, "cuda" on a GPU,
 and the fallback when the extension is missing."""
 
+import ctypes
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,6 +195,24 @@ def test_stochastic_rounding_equals_the_torch_backend(dtype, gen):
     assert torch.equal(w, ref)
 
 
+@needs_cpp
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_step_equals_the_torch_backend(distribution, dtype, gen):
+    """restore-and-update then + next_scale z(next_seed), rounded once, as the torch backend."""
+    w = random_weights(20011, dtype, gen)
+    ref = w.clone()
+    args = dict(seed=12, eps=EPS, lr=1e-3, projected_grad=-0.8, weight_decay=0.01, next_seed=13,
+                next_scale=EPS, keys=[1], offsets=[3], distribution=distribution,
+                stochastic_rounding=True)
+    fastzo.restore_update_and_perturb_([w], backend="cpp", **args)
+    fastzo.restore_update_and_perturb_([ref], backend="torch", **args)
+    if distribution == "rademacher":
+        assert torch.equal(w, ref)
+    else:
+        assert_stored_like_oracle(w, ref.float(), distribution, 3 * EPS)
+
+
 # --- invariances -----------------------------------------------------------------------------
 
 @needs_cpp
@@ -345,6 +366,101 @@ def test_import_without_the_extension_in_a_fresh_process():
     )
     env = {**os.environ, "TRITON_INTERPRET": "0"}  # the plain CPU path: torch backend
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+# --- the CUDA kernel, emulated on the CPU ------------------------------------------------------
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+STORAGE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@pytest.fixture(scope="module")
+def emulated_cuda_kernel(tmp_path_factory):
+    """csrc/cuda_emulation.cpp built with the host compiler: the CUDA kernel's exact code, run
+    thread by thread on the CPU (host math, so bit-identical to backend "cpp")."""
+    source = CSRC / "cuda_emulation.cpp"
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if not source.exists() or compiler is None:
+        pytest.skip("needs the csrc sources and a C++ compiler")
+    library = tmp_path_factory.mktemp("emulation") / "cuda_emulation.so"
+    subprocess.run([compiler, "-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off",
+                    "-fno-math-errno", "-Wno-unknown-pragmas", str(source), "-o", str(library)],
+                   check=True)
+    run = ctypes.CDLL(str(library)).fastzo_emulate_pass
+    run.restype = ctypes.c_int
+    run.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                    ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_float,
+                    ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+
+    def launch(tensors, keys, offsets, seed, distribution, *, update=False, a=0.0, decay=1.0,
+               b=0.0, stochastic=False, next_seed=None, a_next=0.0, blocks=3, threads=32):
+        """Like the host launcher: one emulated launch per dtype over a table of its tensors."""
+        for dtype, code in STORAGE_CODE.items():
+            rows = [[t.data_ptr(), t.numel(), k, o, 0]
+                    for t, k, o in zip(tensors, keys, offsets) if t.dtype == dtype and t.numel()]
+            if not rows:
+                continue
+            table = torch.tensor(rows, dtype=torch.int64)
+            status = run(table.data_ptr(), len(rows), code, distribution == "gaussian", update,
+                         stochastic, next_seed is not None, seed, next_seed or 0, a, decay, b,
+                         a_next, blocks, threads)
+            assert status == 0
+
+    return launch
+
+
+def _awkward_views(gen, dtype):
+    """Tensors of one call: misaligned views, sizes below one vector, offsets of every residue."""
+    base = random_weights(40000, dtype, gen)
+    views = [base[0:1], base[1:4], base[5:13], base[16:9000], base[9003:9004], base[9011:30000],
+             base[30001:40000]]
+    keys = [3, 1, 2**32 - 1, 7, 0, 11, 5]
+    offsets = [0, 5, 2**33 + 6, 3, 127, 16381, 2**62 - 10000]
+    return views, keys, offsets
+
+
+@needs_cpp
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["perturb", "update", "stochastic", "fused"])
+def test_emulated_cuda_kernel_equals_cpp(emulated_cuda_kernel, kind, dtype, distribution, gen):
+    views, keys, offsets = _awkward_views(gen, dtype)
+    mixed = [v.clone() for v in views]
+    mixed[2] = mixed[2].float() if dtype != torch.float32 else mixed[2].half()  # a second dtype
+    expected = [v.clone() for v in mixed]
+    seed, next_seed, lr, g, wd = 2**64 - 3, 17, 1e-3, 0.6, 0.05
+    decay = fastzo.ops.as_float32(1 - lr * wd, "decay")
+    step = fastzo.ops.as_float32(lr * g, "step")
+    common = dict(keys=keys, offsets=offsets, distribution=distribution, backend="cpp")
+    if kind == "perturb":
+        fastzo.perturb_(expected, seed, -2 * EPS, **common)
+        emulated_cuda_kernel(mixed, keys, offsets, seed, distribution, a=-2 * EPS)
+    elif kind == "fused":
+        fastzo.restore_update_and_perturb_(expected, seed, EPS, lr, g, wd, next_seed, EPS,
+                                           stochastic_rounding=True, **common)
+        emulated_cuda_kernel(mixed, keys, offsets, seed, distribution, update=True, a=EPS,
+                             decay=decay, b=step, stochastic=True, next_seed=next_seed, a_next=EPS)
+    else:
+        stochastic = kind == "stochastic"
+        fastzo.restore_and_update_(expected, seed, EPS, lr, g, wd, stochastic_rounding=stochastic,
+                                   **common)
+        emulated_cuda_kernel(mixed, keys, offsets, seed, distribution, update=True, a=EPS,
+                             decay=decay, b=step, stochastic=stochastic)
+    for got, want in zip(mixed, expected):
+        assert torch.equal(got, want)
+
+
+@needs_cpp
+@pytest.mark.parametrize("blocks,threads", [(1, 1), (2, 3), (7, 64)])
+def test_emulated_cuda_kernel_does_not_depend_on_the_grid(emulated_cuda_kernel, blocks, threads,
+                                                          gen):
+    views, keys, offsets = _awkward_views(gen, torch.bfloat16)
+    expected = [v.clone() for v in views]
+    fastzo.perturb_(expected, 99, EPS, keys=keys, offsets=offsets, backend="cpp")
+    emulated_cuda_kernel(views, keys, offsets, 99, "gaussian", a=EPS, blocks=blocks,
+                         threads=threads)
+    for got, want in zip(views, expected):
+        assert torch.equal(got, want)
 
 
 # --- CUDA ------------------------------------------------------------------------------------

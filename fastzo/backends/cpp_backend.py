@@ -63,3 +63,11 @@ def restore_and_update_(tensors, keys, offsets, seed, eps, decay, step, distribu
                         stochastic_rounding):
     load_extension().cpu_restore_and_update_(tensors, keys, offsets, seed, eps, decay, step,
                                              distribution, stochastic_rounding)
+
+
+def restore_update_and_perturb_(tensors, keys, offsets, seed, eps, decay, step, distribution,
+                                stochastic_rounding, next_seed, next_scale):
+    """The fused step: restore-and-update, then + next_scale * z(next_seed), rounded once."""
+    load_extension().cpu_restore_update_and_perturb_(
+        tensors, keys, offsets, seed, eps, decay, step, distribution, stochastic_rounding,
+        next_seed, next_scale)

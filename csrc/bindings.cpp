@@ -1,0 +1,142 @@
+// Python bindings of fastzo._C.
+//
+// Plain pybind11 functions (PYBIND11_MODULE through torch's extension build), not
+// torch.library custom ops: the passes mutate a list of tensors in place, take a uint64 seed
+// (a torch.library schema has int64 only) and are called from eager Python code under no_grad,
+// never traced by autograd or torch.compile. pybind11 gives that with no dispatcher overhead
+// per call, and lets the GIL go while the kernels run. See docs/native.md.
+
+#include <torch/extension.h>
+
+#include <string>
+#include <unordered_set>
+
+#include "kernels.h"
+#include "noise_contract.h"
+
+namespace fastzo {
+
+void check_request(const PassRequest& r, c10::DeviceType device_type) {
+  const size_t n = r.tensors.size();
+  TORCH_CHECK(r.keys.size() == n, "got ", r.keys.size(), " keys for ", n, " tensors");
+  TORCH_CHECK(r.offsets.size() == n, "got ", r.offsets.size(), " offsets for ", n, " tensors");
+  std::unordered_set<int64_t> keys;
+  std::unordered_set<const void*> addresses;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = r.tensors[i];
+    TORCH_CHECK(t.defined(), "tensor ", i, " is undefined");
+    TORCH_CHECK(t.device().type() == device_type, "tensor ", i, " is on ", t.device(),
+                ", expected a ", c10::DeviceTypeName(device_type), " tensor");
+    TORCH_CHECK(t.device() == r.tensors[0].device(), "all tensors must be on one device");
+    const auto dtype = t.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "tensor ", i,
+                " has dtype ", dtype, "; expected float32, bfloat16 or float16");
+    TORCH_CHECK(t.is_contiguous(), "tensor ", i, " is not contiguous");
+    TORCH_CHECK(r.keys[i] >= 0 && r.keys[i] <= 0xFFFFFFFFLL, "key ", r.keys[i], " is not a uint32");
+    TORCH_CHECK(keys.insert(r.keys[i]).second, "key ", r.keys[i], " appears twice");
+    TORCH_CHECK(r.offsets[i] >= 0 && r.offsets[i] <= (int64_t{1} << 62) - t.numel(), "offset ",
+                r.offsets[i], " of tensor ", i, " is outside [0, 2**62 - numel]");
+    if (t.numel() > 0) {
+      TORCH_CHECK(addresses.insert(t.data_ptr()).second, "tensor ", i, " appears twice");
+    }
+  }
+}
+
+namespace {
+
+PassRequest make_request(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
+                         std::vector<int64_t> offsets, uint64_t seed,
+                         const std::string& distribution) {
+  TORCH_CHECK(distribution == "gaussian" || distribution == "rademacher",
+              "distribution must be 'gaussian' or 'rademacher', got '", distribution, "'");
+  PassRequest r;
+  r.tensors = std::move(tensors);
+  r.keys = std::move(keys);
+  r.offsets = std::move(offsets);
+  r.seed = seed;
+  r.gaussian = distribution == "gaussian";
+  return r;
+}
+
+using PassFunction = void (*)(const PassRequest&);
+
+template <PassFunction kPass>
+void perturb(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
+             std::vector<int64_t> offsets, uint64_t seed, double scale,
+             const std::string& distribution) {
+  PassRequest r = make_request(std::move(tensors), std::move(keys), std::move(offsets), seed,
+                               distribution);
+  r.a = static_cast<float>(scale);
+  kPass(r);
+}
+
+template <PassFunction kPass>
+void restore_and_update(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
+                        std::vector<int64_t> offsets, uint64_t seed, double eps, double decay,
+                        double step, const std::string& distribution, bool stochastic_rounding) {
+  PassRequest r = make_request(std::move(tensors), std::move(keys), std::move(offsets), seed,
+                               distribution);
+  r.update = true;
+  r.stochastic = stochastic_rounding;
+  r.a = static_cast<float>(eps);
+  r.decay = static_cast<float>(decay);
+  r.b = static_cast<float>(step);
+  kPass(r);
+}
+
+template <PassFunction kPass>
+void restore_update_and_perturb(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
+                                std::vector<int64_t> offsets, uint64_t seed, double eps,
+                                double decay, double step, const std::string& distribution,
+                                bool stochastic_rounding, uint64_t next_seed, double next_scale) {
+  PassRequest r = make_request(std::move(tensors), std::move(keys), std::move(offsets), seed,
+                               distribution);
+  r.update = true;
+  r.stochastic = stochastic_rounding;
+  r.a = static_cast<float>(eps);
+  r.decay = static_cast<float>(decay);
+  r.b = static_cast<float>(step);
+  r.has_next = true;
+  r.next_seed = next_seed;
+  r.a_next = static_cast<float>(next_scale);
+  kPass(r);
+}
+
+}  // namespace
+}  // namespace fastzo
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using namespace py::literals;
+  m.doc() = "fastzo native kernels: the noise contract's passes in C++ (CPU) and CUDA";
+  m.attr("ABI_VERSION") = fastzo::contract::kAbiVersion;
+#ifdef FASTZO_WITH_CUDA
+  m.attr("HAS_CUDA") = true;
+#else
+  m.attr("HAS_CUDA") = false;
+#endif
+
+  m.def("philox4x32_10", &fastzo::philox4x32_10, "counters"_a, "k0"_a, "k1"_a,
+        "Philox4x32-10 of an int64 (..., 4) tensor of uint32 counters (known-answer tests).");
+
+  const auto release_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("cpu_perturb_", &fastzo::perturb<fastzo::cpu_pass>, "tensors"_a, "keys"_a, "offsets"_a,
+        "seed"_a, "scale"_a, "distribution"_a, release_gil);
+  m.def("cpu_restore_and_update_", &fastzo::restore_and_update<fastzo::cpu_pass>, "tensors"_a,
+        "keys"_a, "offsets"_a, "seed"_a, "eps"_a, "decay"_a, "step"_a, "distribution"_a,
+        "stochastic_rounding"_a, release_gil);
+  m.def("cpu_restore_update_and_perturb_", &fastzo::restore_update_and_perturb<fastzo::cpu_pass>,
+        "tensors"_a, "keys"_a, "offsets"_a, "seed"_a, "eps"_a, "decay"_a, "step"_a,
+        "distribution"_a, "stochastic_rounding"_a, "next_seed"_a, "next_scale"_a, release_gil);
+#ifdef FASTZO_WITH_CUDA
+  m.def("cuda_perturb_", &fastzo::perturb<fastzo::cuda_pass>, "tensors"_a, "keys"_a, "offsets"_a,
+        "seed"_a, "scale"_a, "distribution"_a, release_gil);
+  m.def("cuda_restore_and_update_", &fastzo::restore_and_update<fastzo::cuda_pass>, "tensors"_a,
+        "keys"_a, "offsets"_a, "seed"_a, "eps"_a, "decay"_a, "step"_a, "distribution"_a,
+        "stochastic_rounding"_a, release_gil);
+  m.def("cuda_restore_update_and_perturb_",
+        &fastzo::restore_update_and_perturb<fastzo::cuda_pass>, "tensors"_a, "keys"_a,
+        "offsets"_a, "seed"_a, "eps"_a, "decay"_a, "step"_a, "distribution"_a,
+        "stochastic_rounding"_a, "next_seed"_a, "next_scale"_a, release_gil);
+#endif
+}

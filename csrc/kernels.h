@@ -1,0 +1,42 @@
+// Entry points of fastzo._C, shared by the bindings and the CPU/CUDA kernel files.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fastzo {
+
+// Arguments as backends/__init__.py describes them: contiguous float32/bfloat16/float16 tensors
+// on one device, one key (uint32) and one global offset per tensor, a uint64 seed, float32
+// constants (passed as doubles that are exact float32 values).
+struct PassRequest {
+  std::vector<at::Tensor> tensors;
+  std::vector<int64_t> keys;
+  std::vector<int64_t> offsets;
+  uint64_t seed = 0;
+  bool gaussian = true;
+  bool update = false;  // false: perturb, theta + a*z; true: (theta + a*z)*decay - b*z
+  bool stochastic = false;  // stochastic rounding of 16-bit stores (update only)
+  float a = 0.f, decay = 1.f, b = 0.f;
+  // Fused update: also + a_next * z(next_seed), one rounding for both.
+  bool has_next = false;
+  uint64_t next_seed = 0;
+  float a_next = 0.f;
+};
+
+// Checks everything before any tensor is touched; throws c10::Error on bad input.
+void check_request(const PassRequest& request, c10::DeviceType device_type);
+
+void cpu_pass(const PassRequest& request);
+
+// Philox4x32-10 on an int64 (..., 4) tensor of uint32 values, for known-answer tests.
+at::Tensor philox4x32_10(const at::Tensor& counters, int64_t k0, int64_t k1);
+
+#ifdef FASTZO_WITH_CUDA
+void cuda_pass(const PassRequest& request);
+#endif
+
+}  // namespace fastzo
