@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+import warnings
 import weakref
 
 import torch
@@ -162,9 +163,15 @@ def _fsdp_modules(params) -> list:
     if not torch.distributed.is_available():
         return []
     try:
-        from torch.distributed._composable_state import _module_state_mapping
         from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - no FSDP2 in this torch
+        return []
+    try:  # private: FSDP2 keeps no public link from a parameter to its module
+        from torch.distributed._composable_state import _module_state_mapping
     except ImportError:  # pragma: no cover
+        warnings.warn("fastzo cannot find the FSDP2 modules of the parameters in this torch "
+                      "version: call model.set_reshard_after_forward(True) on the root module so "
+                      "that forwards see the perturbed shards", RuntimeWarning, stacklevel=3)
         return []
     ids = {id(p) for p in params}
     found = []
@@ -386,3 +393,37 @@ class Coordinator:
             loss = _mean([m for _, m in pairs])
         return StepRecord(step=t, seeds=seeds, losses=[tuple(p) for p in pairs],
                           projected_grads=grads0, loss=loss)
+
+
+# ------------------------------------------------------------------------------ utilities
+def weights_fingerprint(params) -> int:
+    """48-bit hash of the exact bytes of ``params`` (plain tensors or replicated DTensors)."""
+    h = hashlib.blake2b(digest_size=6)
+    for p in params:
+        if is_sharded(p):
+            raise ValueError("weights_fingerprint compares replicas; a sharded DTensor differs per rank")
+        tensor, _ = local_view(p)
+        h.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+        h.update(tensor.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def check_replicas(params, process_group=None) -> None:
+    """Raise ``DistributedStateError`` unless every rank holds bit-identical ``params``.
+
+    One all-gather of a 48-bit fingerprint per rank: a check to run now and then (e.g. at a
+    checkpoint), not every step. ``process_group=None`` uses the default group.
+    """
+    import torch.distributed as dist
+
+    params = list(params)
+    mine = torch.tensor([float(weights_fingerprint(params))], dtype=torch.float64)
+    if dist.get_backend(process_group) == "nccl":
+        mine = mine.cuda()
+    world = dist.get_world_size(process_group)
+    rows = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(rows, mine, group=process_group)
+    prints = [int(r.item()) for r in rows]
+    if any(f != prints[0] for f in prints):
+        table = ", ".join(f"rank {r}: {f:012x}" for r, f in enumerate(prints))
+        raise DistributedStateError(f"the replicas differ: weight fingerprints {table}")
