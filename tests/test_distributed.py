@@ -251,7 +251,30 @@ def split_worker(rank, world, cases):
     for _ in range(3):
         opt.step(lambda: loss_fn(model, X.chunk(world)[rank], y.chunk(world)[rank]))
     out["dp"] = flat(model)
+    # DTensors on a 2×2 mesh: HSDP-style (Replicate, Shard(0)) and nested (Shard(0), Shard(0))
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, 2))
+    plain = two_d_params()
+    layouts = [(Replicate(), Shard(0)), (Shard(0), Shard(0)), (Shard(0), Replicate())]
+    params = [torch.nn.Parameter(distribute_tensor(t, mesh, list(pl))) for t, pl in zip(plain, layouts)]
+    opt = fastzo.MeZO(params, process_group=group(), **OPTS)
+    for _ in range(3):
+        opt.step(lambda: two_d_loss([p.full_tensor() for p in params]))
+    out["2d"] = [p.full_tensor() for p in params]
     return out
+
+
+def two_d_params():
+    torch.manual_seed(3)
+    return [torch.randn(7, 6) * 0.3, torch.randn(9, 7) * 0.3, torch.randn(3, 9) * 0.3]
+
+
+def two_d_loss(params):
+    X, y = batch()
+    w1, w2, w3 = params
+    return ((torch.tanh(torch.tanh(X @ w1.T) @ w2.T) @ w3.T - y) ** 2).mean()
 
 
 SPLIT_CASES = {"central q=6": dict(num_directions=6),
@@ -302,6 +325,16 @@ def test_split_directions_is_close_to_sequential_directions():
         runs.append(flat(model))
     assert (runs[0] - runs[1]).abs().max() < 2e-3
     assert (runs[0] - flat(mlp())).abs().max() > 1e-2
+
+
+def test_dtensors_on_a_two_dimensional_mesh(split_run):
+    params = [torch.nn.Parameter(t) for t in two_d_params()]
+    opt = fastzo.MeZO(params, **OPTS)
+    for _ in range(3):
+        opt.step(lambda: two_d_loss(params))
+    for r in range(4):
+        for got, want in zip(split_run[r]["2d"], params):
+            assert torch.equal(got, want.detach())
 
 
 def test_data_parallel_on_four_ranks(split_run):
