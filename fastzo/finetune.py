@@ -234,6 +234,7 @@ def _quiet_transformers():
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars; ours show the work
     except Exception:  # pragma: no cover
         pass
 
@@ -756,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _say(args, message):
-    print(message, file=sys.stderr if args.quiet else sys.stdout, flush=True)
+    print(message, flush=True)
 
 
 def cli_main(argv=None) -> int:
