@@ -84,10 +84,12 @@ def test_finetune_both_methods_end_to_end(tmp_path):
 def test_prompt_classification_with_a_causal_lm(tmp_path):
     data = write_data(tmp_path / "train.jsonl", string_labels=True)
     out, metrics = run(tmp_path, "--model", "tiny-llama", "--data", str(data), "--method", "mezo",
-                       "--steps", "4", "--lr", "1e-3", "--no-save-model")
+                       "--steps", "4", "--lr", "1e-3", "--no-save-model", "--fused-steps")
     assert metrics["task"] == "prompt" and metrics["classes"] == ["neg", "pos"]
     assert "bp" not in metrics and not (out / "mezo" / "model.safetensors").exists()
     assert (out / "mezo" / "trajectory.jsonl").exists()
+    state = torch.load(out / "mezo" / "mezo_state.pt", weights_only=True)
+    assert state["mezo"]["fused_steps"] and state["mezo"]["pending"] is None  # saved clean
 
 
 def test_label_words_share_a_prefix_under_byte_tokens():
