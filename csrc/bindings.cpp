@@ -42,6 +42,11 @@ void check_request(const PassRequest& r, c10::DeviceType device_type) {
   }
 }
 
+void bump_versions(const PassRequest& r) {
+  // Like any in-place op: autograd can then tell that a saved tensor was changed.
+  for (const at::Tensor& t : r.tensors) t.unsafeGetTensorImpl()->bump_version();
+}
+
 namespace {
 
 PassRequest make_request(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
@@ -118,6 +123,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("philox4x32_10", &fastzo::philox4x32_10, "counters"_a, "k0"_a, "k1"_a,
         "Philox4x32-10 of an int64 (..., 4) tensor of uint32 counters (known-answer tests).");
+
+  m.def("cpu_kernel_isa", &fastzo::cpu_kernel_isa,
+        "The instruction set the CPU kernels were dispatched to on this machine.");
 
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
   m.def("cpu_perturb_", &fastzo::perturb<fastzo::cpu_pass>, "tensors"_a, "keys"_a, "offsets"_a,

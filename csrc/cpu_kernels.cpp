@@ -29,8 +29,12 @@
 #if __GNUC__ >= 12
 #define FASTZO_MULTIVERSION \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FASTZO_ISA_WIDE "x86-64-v4"
+#define FASTZO_ISA_MEDIUM "x86-64-v3"
 #else
 #define FASTZO_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#define FASTZO_ISA_WIDE "avx512f"
+#define FASTZO_ISA_MEDIUM "avx2"
 #endif
 #else
 #define FASTZO_MULTIVERSION
@@ -256,6 +260,7 @@ void run_range(const TensorJob& job, int64_t begin, int64_t end, const PassConst
 
 void cpu_pass(const PassRequest& request) {
   check_request(request, c10::DeviceType::CPU);
+  bump_versions(request);
   const size_t n = request.tensors.size();
   std::vector<TensorJob> jobs;
   jobs.reserve(n);
@@ -297,6 +302,20 @@ void cpu_pass(const PassRequest& request) {
       run_range(*job, begin, end, constants);
     }
   });
+}
+
+std::string cpu_kernel_isa() {
+#if defined(FASTZO_ISA_WIDE)
+  // The same test, in the same order, as the resolver of the target clones.
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports(FASTZO_ISA_WIDE)) return FASTZO_ISA_WIDE;
+  if (__builtin_cpu_supports(FASTZO_ISA_MEDIUM)) return FASTZO_ISA_MEDIUM;
+  return "x86-64 baseline";
+#elif defined(__aarch64__)
+  return "aarch64";
+#else
+  return "compiler default";
+#endif
 }
 
 at::Tensor philox4x32_10(const at::Tensor& counters, int64_t k0, int64_t k1) {

@@ -37,6 +37,7 @@ int storage_code(at::ScalarType dtype) {
 void cuda_pass(const PassRequest& request) {
   using namespace gpu;
   check_request(request, c10::DeviceType::CUDA);
+  bump_versions(request);
   std::map<at::ScalarType, std::vector<size_t>> by_dtype;
   for (size_t i = 0; i < request.tensors.size(); ++i) {
     if (request.tensors[i].numel() > 0) by_dtype[request.tensors[i].scalar_type()].push_back(i);

@@ -30,7 +30,13 @@ struct PassRequest {
 // Checks everything before any tensor is touched; throws c10::Error on bad input.
 void check_request(const PassRequest& request, c10::DeviceType device_type);
 
+// Counts the coming in-place write in each tensor's version counter (after check_request).
+void bump_versions(const PassRequest& request);
+
 void cpu_pass(const PassRequest& request);
+
+// The instruction set the CPU kernels run with on this machine (for benchmarks and reports).
+std::string cpu_kernel_isa();
 
 // Philox4x32-10 on an int64 (..., 4) tensor of uint32 values, for known-answer tests.
 at::Tensor philox4x32_10(const at::Tensor& counters, int64_t k0, int64_t k1);

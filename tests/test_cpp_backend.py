@@ -2,6 +2,7 @@
 and the fallback when the extension is missing."""
 
 import ctypes
+import functools
 import os
 import shutil
 import subprocess
@@ -26,6 +27,12 @@ KNOWN_ANSWERS = [  # Random123 kat_vectors, as in docs/noise.md
     ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
      (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ]
+
+
+@functools.lru_cache(maxsize=16)
+def oracle_noise(n, seed, key, offset, distribution):
+    """The oracle's z, computed once per argument set (read-only: callers must not modify it)."""
+    return fastzo.zo_noise(n, seed, key, offset=offset, distribution=distribution)
 
 
 def _C():
@@ -102,7 +109,7 @@ def test_noise_matches_the_oracle(distribution, n, offset):
     w = torch.zeros(n)
     fastzo.perturb_([w], seed, 1.0, keys=[key], offsets=[offset], distribution=distribution,
                     backend="cpp")
-    z = fastzo.zo_noise(n, seed, key, offset=offset, distribution=distribution)
+    z = oracle_noise(n, seed, key, offset, distribution)
     if distribution == "rademacher":
         assert torch.equal(w, z)
     else:
@@ -113,10 +120,10 @@ def test_noise_matches_the_oracle(distribution, n, offset):
 def test_gaussian_is_accurate_near_u_equal_one():
     """x >> 8 close to 2^24 - 1 (u close to 1, small radius) is where a float32 u would round
     away 2^-25 and miss the 2e-5 tolerance; find such Philox calls and check them."""
-    seed, key, n_groups = 3, 1, 1 << 21
+    seed, key, n_groups = 3, 1, 1 << 19
     counters = noise.counters_for(torch.arange(n_groups), key, noise.STREAM_GAUSSIAN)
     words = noise.philox4x32_10(counters, noise.split_seed(seed))
-    near_one = ((words[:, 0] >> 8) >= 2**24 - 64) | ((words[:, 2] >> 8) >= 2**24 - 64)
+    near_one = ((words[:, 0] >> 8) >= 2**24 - 256) | ((words[:, 2] >> 8) >= 2**24 - 256)
     groups = near_one.nonzero().flatten().tolist()
     assert groups, "no Philox call with u near 1 in the sample"
     for g in groups[:20]:
@@ -131,9 +138,9 @@ def test_gaussian_is_accurate_near_u_equal_one():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 def test_perturb_stores_the_oracle_result(distribution, dtype, n, gen):
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen)) * 4 + 1
+    seed = 2**64 - 2**40 + n  # fixed per size: the oracle's z is shared by the three dtypes
     w = random_weights(n, dtype, gen)
-    z = fastzo.zo_noise(n, seed, 11, offset=7, distribution=distribution)
+    z = oracle_noise(n, seed, 11, 7, distribution)
     want = w.float() + torch.tensor(-2 * EPS, dtype=torch.float32) * z
     fastzo.perturb_([w], seed, -2 * EPS, keys=[11], offsets=[7], distribution=distribution,
                     backend="cpp")
@@ -302,6 +309,16 @@ def test_bad_input_leaves_tensors_untouched(gen):
         with pytest.raises((TypeError, ValueError)):
             fastzo.perturb_(kwargs.pop("tensors"), kwargs.pop("seed"), EPS, backend="cpp", **kwargs)
         assert torch.equal(w, before)
+
+
+@needs_cpp
+def test_in_place_writes_bump_the_version_counter():
+    """As for any in-place op, so autograd notices a saved tensor that was perturbed."""
+    w = torch.zeros(10)
+    version = w._version
+    fastzo.perturb_([w], 1, EPS, backend="cpp")
+    fastzo.restore_and_update_([w], 1, EPS, 1e-3, 0.5, backend="cpp")
+    assert w._version >= version + 2
 
 
 # --- dispatch and fallback -------------------------------------------------------------------
