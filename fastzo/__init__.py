@@ -2,7 +2,8 @@
 
 from .backends import available_backends
 from .noise import philox4x32_10, zo_noise
-from .ops import perturb_, restore_and_update_, restore_update_and_perturb_
+from .ops import (exact_perturb_, exact_quantum, perturb_, restore_and_update_,
+                  restore_update_and_perturb_, snap_to_grid_)
 from .optim import MeZO, NonFiniteLossError, replay
 
 __version__ = "0.1.0"
@@ -13,6 +14,9 @@ __all__ = [
     "replay",
     "restore_update_and_perturb_",
     "available_backends",
+    "exact_perturb_",
+    "exact_quantum",
+    "snap_to_grid_",
     "perturb_",
     "philox4x32_10",
     "restore_and_update_",

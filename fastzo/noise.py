@@ -212,3 +212,89 @@ def step_seed(base_seed: int, step: int, direction: int = 0) -> int:
     counter = torch.tensor([[step & MASK32, step >> 32, direction, STREAM_SEEDS]], dtype=torch.int64)
     words = philox4x32_10(counter, split_seed(base_seed))[0].tolist()
     return words[0] | (words[1] << 32)
+
+
+# ------------------------------------------------------------------------------------------
+# Exact (bit-reversible) perturbation of 16-bit weights: the grid S_q and its integer index.
+# docs/noise.md, section "Exact perturbation of 16-bit weights", is the specification.
+
+
+class Format16:
+    """Parameters of a 16-bit storage format for the exact grid."""
+
+    def __init__(self, name: str, mbits: int, bias: int, max_bits: int, inf_bits: int,
+                 min_exponent: int, max_exponent: int):
+        self.name = name
+        self.mbits = mbits  # explicit mantissa bits
+        self.bias = bias
+        self.max_bits = max_bits  # bit pattern of the largest finite magnitude
+        self.inf_bits = inf_bits  # bit pattern of +inf; magnitudes at or above it are inf/NaN
+        # q = 2**e with min_exponent <= e <= max_exponent: q at least the smallest subnormal and
+        # 1/q a normal float32; T = q * 2**mbits a finite normal power of two.
+        self.min_exponent = min_exponent
+        self.max_exponent = max_exponent
+
+    def lq(self, exponent: int) -> int:
+        """log2(q / smallest subnormal): the quantum in units of the smallest subnormal."""
+        return exponent + self.bias + self.mbits - 1
+
+    def threshold_bits(self, exponent: int) -> int:
+        """Bit pattern of T = q * 2**mbits (exponent field lq + 1, mantissa 0)."""
+        return (self.lq(exponent) + 1) << self.mbits
+
+    def max_index(self, exponent: int) -> int:
+        """Nmax = N(largest finite value)."""
+        return (1 << self.mbits) + self.max_bits - self.threshold_bits(exponent)
+
+
+FORMATS16 = {
+    torch.bfloat16: Format16("bfloat16", 7, 127, 0x7F7F, 0x7F80, -126, 120),
+    torch.float16: Format16("float16", 10, 15, 0x7BFF, 0x7C00, -24, 5),
+}
+
+MAX_EPS_OVER_Q = 2.0**18  # |k| <= 5.9 * 2**18 < 2**21: integer steps stay far inside int32
+MAX_MULTIPLE = 256
+
+
+def grid_index(bits: torch.Tensor, exponent: int, fmt: Format16) -> torch.Tensor:
+    """N(x) for 16-bit patterns ``bits`` (int64 in [0, 2**16), finite values).
+
+    Below T: x/q (a value between grid points maps to the grid point below it in magnitude);
+    at and above T: 2**mbits + bits(|x|) - bits(T). N(-x) = -N(x).
+    """
+    lq, t_bits = fmt.lq(exponent), fmt.threshold_bits(exponent)
+    mag = bits & 0x7FFF
+    e = mag >> fmt.mbits
+    m = mag & ((1 << fmt.mbits) - 1)
+    sig = torch.where(e == 0, m, m + (1 << fmt.mbits))
+    shift = (lq - (torch.clamp(e, min=1) - 1)).clamp(0, 62)
+    below = sig >> shift
+    above = (1 << fmt.mbits) + mag - t_bits
+    n = torch.where(mag < t_bits, below, above)
+    return torch.where(bits >= 0x8000, -n, n)
+
+
+def grid_bits(n: torch.Tensor, exponent: int, fmt: Format16) -> torch.Tensor:
+    """N⁻¹: the 16-bit pattern (int64) of grid index n, |n| <= Nmax; index 0 is +0."""
+    lq, t_bits = fmt.lq(exponent), fmt.threshold_bits(exponent)
+    a = n.abs()
+    p = torch.frexp(torch.clamp(a, min=1).double())[1].long() - 1  # floor(log2 a)
+    normal = ((p + lq - fmt.mbits) << fmt.mbits) + (a << (fmt.mbits - p).clamp(min=0))
+    subnormal = a << min(lq, 62)
+    below = torch.where(p + lq >= fmt.mbits, normal, subnormal)
+    below = torch.where(a == 0, torch.zeros_like(a), below)
+    above = a - (1 << fmt.mbits) + t_bits
+    mag = torch.where(a < (1 << fmt.mbits), below, above)
+    return torch.where(n < 0, mag | 0x8000, mag)
+
+
+def grid_wrap(n: torch.Tensor, exponent: int, fmt: Format16) -> torch.Tensor:
+    """n reduced modulo 2·Nmax + 1 into [−Nmax, Nmax]."""
+    n_max = fmt.max_index(exponent)
+    return torch.remainder(n + n_max, 2 * n_max + 1) - n_max
+
+
+def exact_steps(z: torch.Tensor, eps: float, exponent: int) -> torch.Tensor:
+    """Integer steps k = round_half_even(fl32(a · z)), a = fl32(eps · 2**-exponent), as int64."""
+    a = torch.tensor(eps, dtype=torch.float32) * torch.tensor(2.0**-exponent, dtype=torch.float32)
+    return torch.round(a * z).long()

@@ -115,8 +115,13 @@ class MeZO(torch.optim.Optimizer):
             ``with opt.clean_weights():`` to evaluate or export; checkpoints keep the pending
             perturbation in the optimizer state, so they resume bit-identically.
         on_nonfinite: "raise" (default) or "skip" (restore, warn, do not count the step).
-        stochastic_rounding: for 16-bit weights round the update stochastically (default on).
-        exact_perturbation: reserved for bit-exact reversible 16-bit perturbation.
+        stochastic_rounding: for 16-bit weights round the update stochastically (default on):
+            updates far below one ulp survive on average instead of being rounded away.
+        exact_perturbation: for bfloat16/float16 weights perturb by integer steps on a fixed
+            per-tensor grid, so +εz, −2εz, +εz returns every weight bit for bit (default: on;
+            float32 weights always use the plain perturbation). At the first step each 16-bit
+            tensor gets its quantum q = ulp(max(rms(θ), 16ε)) (kept in the optimizer state) and
+            is rounded once onto its grid (changes of at most q/2). See docs/lowprec.md.
         trajectory: path of a JSON-lines file to append each step's record to (for replay).
         process_group: data parallelism (docs/distributed.md): each rank evaluates the closure on
             its own shard of the batch and every step all-gathers the ranks' losses (one small
@@ -148,8 +153,8 @@ class MeZO(torch.optim.Optimizer):
             raise ValueError("fused_steps supports the central estimator with one direction")
         if split_directions and (fused_steps or trajectory is not None):
             raise ValueError("split_directions does not support fused_steps or trajectory")
-        if exact_perturbation:
-            raise NotImplementedError("exact_perturbation is not available in this version")
+        if exact_perturbation is not None and not isinstance(exact_perturbation, bool):
+            raise TypeError(f"exact_perturbation must be True, False or None, got {exact_perturbation!r}")
         if backend is not None:
             from .backends import get_backend
 
@@ -174,7 +179,7 @@ class MeZO(torch.optim.Optimizer):
         self.fused_steps = fused_steps
         self.on_nonfinite = on_nonfinite
         self.stochastic_rounding = stochastic_rounding
-        self.exact_perturbation = bool(exact_perturbation)
+        self.exact_perturbation = exact_perturbation is None or exact_perturbation
         self.step_count = 0
         self.last_step: StepRecord | None = None
         self._pending: _Pending | None = None
@@ -203,20 +208,65 @@ class MeZO(torch.optim.Optimizer):
                 key += 1
 
     def _buckets(self, per_group):
-        """Group (param, key) by device and by the per-group values, one kernel call each."""
-        buckets: dict[tuple, tuple[list, list, list]] = {}
+        """Group (param, key) by device and by the per-group values, one kernel call each.
+
+        Each bucket holds (tensors, keys, offsets, quanta); quanta is None outside exact mode,
+        else the per-tensor quantum from the state (None for float32 tensors).
+        """
+        buckets: dict[tuple, tuple[list, list, list, list | None]] = {}
+        exact = self._exact_active()
         for gi, p, key in self._tensor_keys():
             tensor, offset = distributed.local_view(p)  # a shard: its global element offset
-            tensors, keys, offsets = buckets.setdefault((tensor.device, per_group(gi)), ([], [], []))
+            tensors, keys, offsets, quanta = buckets.setdefault(
+                (tensor.device, per_group(gi)), ([], [], [], [] if exact else None))
             tensors.append(tensor)
             keys.append(key)
             offsets.append(offset)
+            if exact:
+                quanta.append(self.state[p].get("exact_quantum"))
         return buckets
 
-    def _perturb(self, seed: int, scales: list[float]):
-        for (_, scale), (tensors, keys, offsets) in self._buckets(lambda gi: scales[gi]).items():
-            ops.perturb_(tensors, seed, scale, keys=keys, offsets=offsets,
-                         distribution=self.distribution, backend=self.backend)
+    def _exact_active(self) -> bool:
+        """Exact mode is on and some trainable tensor is 16-bit (has a quantum)."""
+        return self.exact_perturbation and any(
+            p.dtype != torch.float32 for _, p, _ in self._tensor_keys())
+
+    def _prepare_exact(self):
+        """Give every 16-bit trainable tensor without one its quantum, and snap it onto its grid.
+
+        Runs at the start of each step (a no-op after the first): the quanta come from the clean
+        weights and then stay fixed, in the optimizer state, so checkpoints resume bit-identically.
+        """
+        if not self.exact_perturbation:
+            return
+        for gi, p, _ in self._tensor_keys():
+            state = self.state[p]
+            if p.dtype == torch.float32 or state.get("exact_quantum") is not None:
+                continue
+            q = _exact_quantum(p, float(self.param_groups[gi]["eps"]))
+            tensor, _ = distributed.local_view(p)
+            ops.snap_to_grid_([tensor], [q])
+            state["exact_quantum"] = q
+
+    def _perturb(self, seed: int, scales: list[float], *, eps_list=None, multiple=None):
+        """θ += scale·z per group. In exact mode the scales must be an integer multiple of the
+        groups' eps (inferred unless given): 16-bit tensors then move by multiple·k integer steps.
+        """
+        exact = self._exact_active()
+        if exact:
+            if multiple is None:
+                eps_list = self._eps_list()
+                multiple = _integer_multiple(scales, eps_list)
+            values = eps_list
+        else:
+            values = scales
+        for (_, value), (tensors, keys, offsets, quanta) in self._buckets(lambda gi: values[gi]).items():
+            common = dict(keys=keys, offsets=offsets, distribution=self.distribution,
+                          backend=self.backend)
+            if exact:
+                ops.exact_perturb_(tensors, seed, value, multiple, quanta, **common)
+            else:
+                ops.perturb_(tensors, seed, value, **common)
         if self._dist is not None:
             self._dist.after_pass()
 
@@ -226,9 +276,10 @@ class MeZO(torch.optim.Optimizer):
             nxt = next_scales[gi] if next_scales is not None else None
             return eps_list[gi], float(group["lr"]), grads[gi], float(group["weight_decay"]), nxt
 
-        for (_, (eps, lr, g, wd, nxt)), (tensors, keys, offsets) in self._buckets(per_group).items():
+        for (_, (eps, lr, g, wd, nxt)), (tensors, keys, offsets, quanta) in self._buckets(per_group).items():
             common = dict(keys=keys, offsets=offsets, distribution=self.distribution,
-                          stochastic_rounding=self.stochastic_rounding, backend=self.backend)
+                          stochastic_rounding=self.stochastic_rounding, backend=self.backend,
+                          exact_quanta=quanta)
             if next_seed is None:
                 ops.restore_and_update_(tensors, seed, eps, lr, g, wd, **common)
             else:
@@ -278,6 +329,7 @@ class MeZO(torch.optim.Optimizer):
         return record.loss
 
     def _step(self, closure):
+        self._prepare_exact()
         if self._dist is not None:
             self._dist.begin_step()
             if self._dist.split:
@@ -371,7 +423,8 @@ class MeZO(torch.optim.Optimizer):
         """Remove a pending +εz (fused-steps mode) so the weights are the clean θ."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            self._perturb(pending.seed, [-s for s in pending.scales])
+            self._perturb(pending.seed, [-s for s in pending.scales], eps_list=pending.scales,
+                          multiple=-1)
             self._log_materialize()
 
     @property
@@ -437,6 +490,7 @@ class MeZO(torch.optim.Optimizer):
             "sign": self.sign,
             "fused_steps": self.fused_steps,
             "stochastic_rounding": self.stochastic_rounding,
+            "exact_perturbation": self.exact_perturbation,
             "params_per_group": [len(g["params"]) for g in self.param_groups],
         }
 
@@ -472,7 +526,8 @@ def replay(params, trajectory, backend: str | None = None):
     opt = MeZO(params, lr=0.0, seed=header["base_seed"], backend=backend,
                distribution=header["distribution"], num_directions=header["num_directions"],
                estimator=header["estimator"], sign=header["sign"], fused_steps=header["fused_steps"],
-               stochastic_rounding=header["stochastic_rounding"])
+               stochastic_rounding=header["stochastic_rounding"],
+               exact_perturbation=header.get("exact_perturbation", False))
     if [len(g["params"]) for g in opt.param_groups] != header["params_per_group"]:
         raise ValueError("the parameter groups do not match the trajectory's")
     for record in records:
@@ -486,6 +541,32 @@ def replay(params, trajectory, backend: str | None = None):
         opt.step(lambda: next(values))
     opt.materialize()
     return opt
+
+
+def _integer_multiple(scales, eps_list) -> int:
+    """The integer m with scales[g] == m·eps_list[g] for every group (exact mode)."""
+    ratios = {s / e for s, e in zip(scales, eps_list)}
+    if len(ratios) != 1 or not float(next(iter(ratios))).is_integer():
+        raise RuntimeError(
+            f"exact_perturbation moves weights by integer multiples of each group's eps; got "
+            f"scales {scales} for eps {eps_list}"
+        )
+    return int(ratios.pop())
+
+
+def _exact_quantum(p, eps: float) -> float:
+    """ops.exact_quantum of a parameter; for a sharded DTensor from the rms of the whole tensor."""
+    if not (distributed.is_dtensor(p) and distributed.is_sharded(p)):
+        tensor, _ = distributed.local_view(p)
+        return ops.exact_quantum(tensor, eps)
+    tensor, _ = distributed.local_view(p)
+    total, count = ops.sum_of_squares(tensor)
+    stats = torch.tensor([total, count], dtype=torch.float64, device=tensor.device)
+    for dim, placement in enumerate(p.placements):
+        if placement.is_shard():
+            torch.distributed.all_reduce(stats, group=p.device_mesh.get_group(dim))
+    total, count = stats.tolist()
+    return ops.quantum_of(tensor.dtype, total, int(count), eps)
 
 
 def _replayed_losses(losses, estimator):

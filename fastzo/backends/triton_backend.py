@@ -129,6 +129,12 @@ if triton is not None:
     def _store_stochastic(ptrs, y, rbits, mask, DTYPE: tl.constexpr):
         """The contract's stochastic rounding to a 16-bit format (see docs/noise.md)."""
         IS_BF16: tl.constexpr = DTYPE == tl.bfloat16
+        bits = _stochastic_bits(y, rbits, IS_BF16).to(tl.int16)
+        tl.store(ptrs, bits.to(DTYPE, bitcast=True), mask=mask)
+
+    @triton.jit
+    def _stochastic_bits(y, rbits, IS_BF16: tl.constexpr):
+        """Bit pattern (int32 holding 0..0xFFFF) of the contract's stochastic rounding of y."""
         nearest = _nearest_bits(y, IS_BF16)
         y_abs = tl.abs(y)
         toward = tl.where(tl.abs(_to_f32(nearest, IS_BF16)) > y_abs, nearest - 1, nearest)
@@ -143,8 +149,72 @@ if triton is not None:
         not_finite = (y.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
         gap_not_finite = (gap.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
         exact = (_to_f32(toward, IS_BF16) == y) | not_finite | gap_not_finite
-        bits = tl.where(exact, nearest, chosen).to(tl.int16)
-        tl.store(ptrs, bits.to(DTYPE, bitcast=True), mask=mask)
+        return tl.where(exact, nearest, chosen)
+
+    # ---- exact mode (docs/noise.md, "Exact perturbation of 16-bit weights"): integer ops only,
+    # so the interpreter and every GPU agree bit for bit.
+    @triton.jit
+    def _rne_int(x):
+        """round_half_even(x) as int32 for float32 |x| < 2**22, from the bits of x."""
+        b = x.to(tl.int32, bitcast=True)
+        e = (b >> 23) & 0xFF
+        sig = (b & 0x7FFFFF) | 0x800000
+        sh = tl.minimum(tl.maximum(150 - e, 1), 25)  # x = sig * 2**(e - 150)
+        whole = sig >> sh
+        rem = sig & ((1 << sh) - 1)
+        half = 1 << (sh - 1)
+        up = (rem > half) | ((rem == half) & ((whole & 1) == 1))
+        r = tl.where(e < 126, 0, whole + up.to(tl.int32))  # |x| < 0.5 rounds to 0
+        return tl.where(b < 0, -r, r)
+
+    @triton.jit
+    def _grid_index(bits, lq, t_bits, MBITS: tl.constexpr):
+        """N(x) of 16-bit patterns: x/q below T, 2**MBITS + bits(|x|) - bits(T) above."""
+        mag = bits & 0x7FFF
+        e = mag >> MBITS
+        m = mag & ((1 << MBITS) - 1)
+        sig = tl.where(e == 0, m, m + (1 << MBITS))
+        sh = tl.minimum(tl.maximum(lq - (tl.maximum(e, 1) - 1), 0), 31)
+        n = tl.where(mag < t_bits, sig >> sh, (1 << MBITS) + mag - t_bits)
+        return tl.where(bits >= 0x8000, -n, n)
+
+    @triton.jit
+    def _grid_bits(n, lq, t_bits, MBITS: tl.constexpr):
+        """N⁻¹: 16-bit pattern (int32) of grid index n; index 0 is +0."""
+        a = tl.abs(n)
+        p = ((tl.maximum(a, 1).to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        normal = ((p + lq - MBITS) << MBITS) + (a << tl.minimum(tl.maximum(MBITS - p, 0), 31))
+        subnormal = a << tl.minimum(lq, 31)
+        below = tl.where(p + lq >= MBITS, normal, subnormal)
+        below = tl.where(a == 0, 0, below)
+        mag = tl.where(a < (1 << MBITS), below, a - (1 << MBITS) + t_bits)
+        return tl.where(n < 0, mag | 0x8000, mag)
+
+    @triton.jit
+    def _step_on_grid(bits, steps, lq, t_bits, n_max, MBITS: tl.constexpr, INF_BITS: tl.constexpr):
+        """N⁻¹(wrap(N(bits) + steps)); inf/NaN patterns unchanged."""
+        count = 2 * n_max + 1
+        r = (_grid_index(bits, lq, t_bits, MBITS) + steps + n_max) % count
+        r = tl.where(r < 0, r + count, r) - n_max
+        return tl.where((bits & 0x7FFF) < INF_BITS, _grid_bits(r, lq, t_bits, MBITS), bits)
+
+    @triton.jit
+    def _round_to_grid(y, rbits, inv_q, t_bits32, lq, t_bits, IS_BF16: tl.constexpr,
+                       MBITS: tl.constexpr, STOCHASTIC: tl.constexpr):
+        """float32 y onto S_q: below T to multiples of q, at/above T the storage rounding."""
+        y_bits = y.to(tl.int32, bitcast=True)
+        below = (y_bits & 0x7FFFFFFF) < t_bits32
+        c = tl.where(below, tl.abs(y) * inv_q, 0.0)  # exact: q is a power of two
+        if STOCHASTIC:
+            whole = c.to(tl.int32)
+            u = (rbits.to(tl.float32) + 0.5) * 1.52587890625e-05  # 2**-16
+            n = whole + (u < c - whole.to(tl.float32)).to(tl.int32)
+            storage = _stochastic_bits(y, rbits, IS_BF16)
+        else:
+            n = _rne_int(c)
+            storage = _nearest_bits(y, IS_BF16)
+        grid = _grid_bits(tl.where(y_bits < 0, -n, n), lq, t_bits, MBITS)
+        return tl.where(below, grid, storage)
 
     @triton.jit
     def _rounding_bits(start, key, k0, k1, BLOCK: tl.constexpr):
@@ -155,17 +225,26 @@ if triton is not None:
         return halves.to(tl.int32)
 
     # Integer scalars equal to 1 would be specialised into constants; seeds and counts must not.
-    @triton.jit(do_not_specialize=["n_tensors", "seed_lo", "seed_hi", "next_lo", "next_hi"])
+    @triton.jit(do_not_specialize=["n_tensors", "seed_lo", "seed_hi", "next_lo", "next_hi",
+                                   "multiple"])
     def _zo_pass_kernel(
-        addr_table, numel_table, key_table, offset_table, n_tensors,
-        seed_lo, seed_hi, a, decay, b, next_lo, next_hi, a_next,
+        addr_table, numel_table, key_table, offset_table, exponent_table, n_tensors,
+        seed_lo, seed_hi, a, decay, b, next_lo, next_hi, a_next, multiple,
         DTYPE: tl.constexpr, BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr,
         UPDATE: tl.constexpr, STOCHASTIC: tl.constexpr, NEXT: tl.constexpr,
+        EXACT: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, MAX_BITS: tl.constexpr,
+        INF_BITS: tl.constexpr,
     ):
         """perturb (UPDATE=0):  θ ← θ + a·z
         restore-and-update:    θ ← (θ + a·z)·decay − b·z
         with NEXT, also + a_next·z' where z' is the next step's noise (fused steps)
+
+        EXACT (16-bit, q = 2**exponent per tensor; N = grid index, k(s) = rne(s/q · z)):
+        perturb:            θ ← N⁻¹(wrap(N(θ) + multiple·k(a)))
+        restore-and-update: θ ← grid_round(N⁻¹(wrap(N(θ) + k(a)))·decay − b·z)
+        with NEXT, then N⁻¹(wrap(N(θ) + k'(a_next)))
         """
+        IS_BF16: tl.constexpr = DTYPE == tl.bfloat16
         pid = tl.program_id(0)
         n_programs = tl.num_programs(0)
         k0 = seed_lo.to(tl.uint32)
@@ -177,26 +256,60 @@ if triton is not None:
             offset = tl.load(offset_table + t)
             lead = offset % 128  # blocks start on a 128-element boundary of the global index
             n_blocks = tl.cdiv(numel + lead, BLOCK)
+            if EXACT:
+                exponent = tl.load(exponent_table + t).to(tl.int32)
+                lq = exponent + (BIAS + MBITS - 1)  # q in units of the smallest subnormal
+                t_bits = (lq + 1) << MBITS  # T = q * 2**MBITS
+                n_max = (1 << MBITS) + MAX_BITS - t_bits
+                inv_q = ((127 - exponent) << 23).to(tl.float32, bitcast=True)
+                t_bits32 = (127 + MBITS + exponent) << 23  # T as float32 bits
+                a_q = a * inv_q
+                a_next_q = a_next * inv_q
             for blk in range(pid, n_blocks, n_programs):
                 start = offset - lead + (offset * 0 + blk) * BLOCK  # int64 math: tensors may exceed 2**31
                 local = start - offset + tl.arange(0, BLOCK)
                 mask = (local >= 0) & (local < numel)
                 ptrs = base + local
-                theta = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                z = _noise_block(start, key, k0, k1, BLOCK, GAUSSIAN)
-                if UPDATE:
-                    y = (theta + a * z) * decay - b * z
+                if EXACT:
+                    raw = tl.load(ptrs, mask=mask, other=0.0)
+                    bits = raw.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                    z = _noise_block(start, key, k0, k1, BLOCK, GAUSSIAN)
+                    k = _rne_int(a_q * z)
+                    if UPDATE:
+                        loaded = bits
+                        bits = _step_on_grid(bits, k, lq, t_bits, n_max, MBITS, INF_BITS)
+                        y = _to_f32(bits, IS_BF16) * decay - b * z
+                        if STOCHASTIC:
+                            rbits = _rounding_bits(start, key, k0, k1, BLOCK)
+                        else:
+                            rbits = bits
+                        bits = _round_to_grid(y, rbits, inv_q, t_bits32, lq, t_bits, IS_BF16, MBITS,
+                                              STOCHASTIC)
+                        if NEXT:
+                            z_next = _noise_block(start, key, next_lo.to(tl.uint32),
+                                                  next_hi.to(tl.uint32), BLOCK, GAUSSIAN)
+                            bits = _step_on_grid(bits, _rne_int(a_next_q * z_next), lq, t_bits, n_max,
+                                                 MBITS, INF_BITS)
+                        bits = tl.where((loaded & 0x7FFF) < INF_BITS, bits, loaded)  # inf/NaN stay
+                    else:
+                        bits = _step_on_grid(bits, multiple * k, lq, t_bits, n_max, MBITS, INF_BITS)
+                    tl.store(ptrs, bits.to(tl.int16).to(DTYPE, bitcast=True), mask=mask)
                 else:
-                    y = theta + a * z
-                if NEXT:
-                    z_next = _noise_block(start, key, next_lo.to(tl.uint32), next_hi.to(tl.uint32),
-                                          BLOCK, GAUSSIAN)
-                    y = y + a_next * z_next
-                if STOCHASTIC:
-                    rbits = _rounding_bits(start, key, k0, k1, BLOCK)
-                    _store_stochastic(ptrs, y, rbits, mask, DTYPE)
-                else:
-                    _store(ptrs, y, mask, DTYPE)
+                    theta = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                    z = _noise_block(start, key, k0, k1, BLOCK, GAUSSIAN)
+                    if UPDATE:
+                        y = (theta + a * z) * decay - b * z
+                    else:
+                        y = theta + a * z
+                    if NEXT:
+                        z_next = _noise_block(start, key, next_lo.to(tl.uint32), next_hi.to(tl.uint32),
+                                              BLOCK, GAUSSIAN)
+                        y = y + a_next * z_next
+                    if STOCHASTIC:
+                        rbits = _rounding_bits(start, key, k0, k1, BLOCK)
+                        _store_stochastic(ptrs, y, rbits, mask, DTYPE)
+                    else:
+                        _store(ptrs, y, mask, DTYPE)
 
 
 _TL_DTYPE = {}
@@ -211,26 +324,38 @@ def _n_programs(device: torch.device, total_blocks: int) -> int:
     return max(1, min(total_blocks, 4))
 
 
+_FORMAT_CONSTANTS = {  # MBITS, BIAS, MAX_BITS, INF_BITS (fastzo.noise.FORMATS16)
+    dtype: (fmt.mbits, fmt.bias, fmt.max_bits, fmt.inf_bits) for dtype, fmt in noise.FORMATS16.items()
+}
+
+
 def _launch(tensors, keys, offsets, seed, a, decay, b, distribution, update, stochastic,
-            next_seed=None, a_next=0.0):
+            next_seed=None, a_next=0.0, exponents=None, multiple=1):
+    exact = exponents is not None
     by_dtype: dict[torch.dtype, list[int]] = {}
     for idx, t in enumerate(tensors):
         by_dtype.setdefault(t.dtype, []).append(idx)
     device = tensors[0].device
     for dtype, idxs in by_dtype.items():
         rows = [[tensors[i].data_ptr() for i in idxs], [tensors[i].numel() for i in idxs],
-                [keys[i] for i in idxs], [offsets[i] for i in idxs]]
+                [keys[i] for i in idxs], [offsets[i] for i in idxs],
+                [exponents[i] if exact else 0 for i in idxs]]
         table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
         total_blocks = sum(-(-(tensors[i].numel() + offsets[i] % 128) // BLOCK) for i in idxs)
         grid = (_n_programs(device, total_blocks),)
+        mbits, bias, max_bits, inf_bits = _FORMAT_CONSTANTS.get(dtype, (0, 0, 0, 0))
+        options = {}
+        if exact and not INTERPRET:
+            # no multiply-add contraction: the update rounds like the oracle's separate operations
+            options["enable_fp_fusion"] = False
         _zo_pass_kernel[grid](
-            table[0], table[1], table[2], table[3], len(idxs),
+            table[0], table[1], table[2], table[3], table[4], len(idxs),
             seed & noise.MASK32, seed >> 32, a, decay, b,
-            (next_seed or 0) & noise.MASK32, (next_seed or 0) >> 32, a_next,
+            (next_seed or 0) & noise.MASK32, (next_seed or 0) >> 32, a_next, multiple,
             DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK, GAUSSIAN=distribution == "gaussian",
             UPDATE=update, STOCHASTIC=stochastic and dtype != torch.float32,
-            NEXT=next_seed is not None,
-            num_warps=NUM_WARPS,
+            NEXT=next_seed is not None, EXACT=exact, MBITS=mbits, BIAS=bias, MAX_BITS=max_bits,
+            INF_BITS=inf_bits, num_warps=NUM_WARPS, **options,
         )
 
 
@@ -247,3 +372,14 @@ def restore_update_and_perturb_(tensors, keys, offsets, seed, eps, decay, step, 
                                 stochastic_rounding, next_seed, next_scale):
     _launch(tensors, keys, offsets, seed, eps, decay, step, distribution, True, stochastic_rounding,
             next_seed=next_seed, a_next=next_scale)
+
+
+def exact_perturb_(tensors, keys, offsets, seed, eps, multiple, exponents, distribution):
+    _launch(tensors, keys, offsets, seed, eps, 1.0, 0.0, distribution, False, False,
+            exponents=exponents, multiple=multiple)
+
+
+def exact_restore_and_update_(tensors, keys, offsets, seed, eps, decay, step, distribution,
+                              stochastic_rounding, exponents, next_seed=None, next_eps=0.0):
+    _launch(tensors, keys, offsets, seed, eps, decay, step, distribution, True, stochastic_rounding,
+            next_seed=next_seed, a_next=next_eps, exponents=exponents)
