@@ -49,9 +49,11 @@ def _native_extension():
 
     csrc = os.path.join("csrc")
     sources = [os.path.join(csrc, "bindings.cpp"), os.path.join(csrc, "cpu_kernels.cpp")]
-    # -ffp-contract=off: the update must round like the oracle's separate multiply and add;
-    # -fno-math-errno: sqrtf becomes one instruction, so the noise loops vectorise.
-    cxx_flags = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+    # -ffp-contract=off: the update must round like the oracle's separate multiply and add.
+    # -fno-math-errno, -fno-trapping-math (as torch itself is built): sqrtf becomes one
+    # instruction and float compares may be evaluated unconditionally, so the loops vectorise.
+    # Neither changes a computed value.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     define_macros = []
     with_cuda = False
     if torch.version.cuda is not None:
