@@ -15,11 +15,11 @@ weights, offline), with a fixed global batch split over the ranks:
     flock /tmp/fastzo-bench.lock python benchmarks/bench_distributed.py --quick   # tiny model
 
 Writes benchmarks/results/distributed.csv (benchmark, backend, dtype, size, metric, unit,
-median, p20, p80, device, versions, timestamp) and prints a table. Timing notes: ranks run
-with ``2 // W`` threads (at least one) on this 2-core machine, so 4 ranks oversubscribe it; the
-MeZO perturbation uses Rademacher z by default because the only CPU kernel backend built here
-may be the oracle ("torch"), whose Gaussian pass costs ~0.8 s per 10^6 elements (the bytes
-communicated do not depend on the distribution; pass --distribution gaussian to change it).
+median, p20, p80, device, versions, timestamp) and prints a table. Timing notes: every rank
+runs one intra-op thread (--threads), so on a 2-core machine 1 and 2 ranks fit and 4 ranks
+oversubscribe it 2×; MeZO's z is Gaussian when a native kernel backend is built, Rademacher when
+only the oracle backend ("torch", ~0.8 s per 10^6 Gaussian elements) is available; the bytes
+communicated do not depend on it.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _batch(config, global_batch, seq, rank, world, step):
 def worker(rank, world, port, args, out_path):
     import torch.distributed as dist
 
-    torch.set_num_threads(max(1, 2 // world))
+    torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=300))
     import fastzo
@@ -217,12 +217,16 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--backend", default=None, help="fastzo kernel backend (default: fastest)")
-    parser.add_argument("--distribution", default="rademacher", choices=["rademacher", "gaussian"])
+    parser.add_argument("--distribution", default=None, choices=["rademacher", "gaussian"],
+                        help="default: gaussian with a native backend, rademacher on the oracle")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.steps, args.warmup = "gpt2-tiny", 3, 1
+    if args.distribution is None:
+        args.distribution = "rademacher" if (args.backend or _picked_backend()) == "torch" else "gaussian"
     worlds = [int(w) for w in args.worlds.split(",")]
     cores = os.cpu_count() or 1
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
