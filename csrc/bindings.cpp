@@ -8,6 +8,7 @@
 
 #include <torch/extension.h>
 
+#include <cmath>
 #include <string>
 #include <unordered_set>
 
@@ -38,6 +39,26 @@ void check_request(const PassRequest& r, c10::DeviceType device_type) {
                 r.offsets[i], " of tensor ", i, " is outside [0, 2**62 - numel]");
     if (t.numel() > 0) {
       TORCH_CHECK(addresses.insert(t.data_ptr()).second, "tensor ", i, " appears twice");
+    }
+  }
+  if (r.exact) {
+    TORCH_CHECK(r.exponents.size() == n, "got ", r.exponents.size(), " quantum exponents for ", n,
+                " tensors");
+    TORCH_CHECK(r.multiple >= -256 && r.multiple <= 256, "multiple ", r.multiple,
+                " is outside [-256, 256]");
+    for (size_t i = 0; i < n; ++i) {
+      const auto dtype = r.tensors[i].scalar_type();
+      TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "tensor ", i, " has dtype ", dtype,
+                  "; exact mode is for bfloat16/float16 tensors");
+      const int64_t low = dtype == at::kBFloat16 ? -126 : -24;
+      const int64_t high = dtype == at::kBFloat16 ? 120 : 5;
+      const int64_t e = r.exponents[i];
+      TORCH_CHECK(e >= low && e <= high, "quantum exponent ", e, " of tensor ", i,
+                  " is outside [", low, ", ", high, "]");
+      for (const float eps : {r.a, r.a_next}) {
+        TORCH_CHECK(std::ldexp(std::fabs(static_cast<double>(eps)), static_cast<int>(-e)) <= 262144.0,
+                    "eps ", eps, " is more than 2**18 quanta of tensor ", i);
+      }
     }
   }
 }
@@ -107,6 +128,41 @@ void restore_update_and_perturb(std::vector<at::Tensor> tensors, std::vector<int
   kPass(r);
 }
 
+template <PassFunction kPass>
+void exact_perturb(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
+                   std::vector<int64_t> offsets, uint64_t seed, double eps, int64_t multiple,
+                   std::vector<int64_t> exponents, const std::string& distribution) {
+  PassRequest r = make_request(std::move(tensors), std::move(keys), std::move(offsets), seed,
+                               distribution);
+  TORCH_CHECK(multiple >= -256 && multiple <= 256, "multiple ", multiple, " is outside [-256, 256]");
+  r.exact = true;
+  r.multiple = static_cast<int32_t>(multiple);
+  r.exponents = std::move(exponents);
+  r.a = static_cast<float>(eps);
+  kPass(r);
+}
+
+template <PassFunction kPass>
+void exact_restore_and_update(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
+                              std::vector<int64_t> offsets, uint64_t seed, double eps,
+                              double decay, double step, const std::string& distribution,
+                              bool stochastic_rounding, std::vector<int64_t> exponents,
+                              bool has_next, uint64_t next_seed, double next_eps) {
+  PassRequest r = make_request(std::move(tensors), std::move(keys), std::move(offsets), seed,
+                               distribution);
+  r.exact = true;
+  r.exponents = std::move(exponents);
+  r.update = true;
+  r.stochastic = stochastic_rounding;
+  r.a = static_cast<float>(eps);
+  r.decay = static_cast<float>(decay);
+  r.b = static_cast<float>(step);
+  r.has_next = has_next;
+  r.next_seed = next_seed;
+  r.a_next = static_cast<float>(next_eps);
+  kPass(r);
+}
+
 }  // namespace
 }  // namespace fastzo
 
@@ -136,7 +192,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_restore_update_and_perturb_", &fastzo::restore_update_and_perturb<fastzo::cpu_pass>,
         "tensors"_a, "keys"_a, "offsets"_a, "seed"_a, "eps"_a, "decay"_a, "step"_a,
         "distribution"_a, "stochastic_rounding"_a, "next_seed"_a, "next_scale"_a, release_gil);
+  m.def("cpu_exact_perturb_", &fastzo::exact_perturb<fastzo::cpu_pass>, "tensors"_a, "keys"_a,
+        "offsets"_a, "seed"_a, "eps"_a, "multiple"_a, "exponents"_a, "distribution"_a, release_gil);
+  m.def("cpu_exact_restore_and_update_", &fastzo::exact_restore_and_update<fastzo::cpu_pass>,
+        "tensors"_a, "keys"_a, "offsets"_a, "seed"_a, "eps"_a, "decay"_a, "step"_a,
+        "distribution"_a, "stochastic_rounding"_a, "exponents"_a, "has_next"_a, "next_seed"_a,
+        "next_eps"_a, release_gil);
 #ifdef FASTZO_WITH_CUDA
+  m.def("cuda_exact_perturb_", &fastzo::exact_perturb<fastzo::cuda_pass>, "tensors"_a, "keys"_a,
+        "offsets"_a, "seed"_a, "eps"_a, "multiple"_a, "exponents"_a, "distribution"_a, release_gil);
+  m.def("cuda_exact_restore_and_update_", &fastzo::exact_restore_and_update<fastzo::cuda_pass>,
+        "tensors"_a, "keys"_a, "offsets"_a, "seed"_a, "eps"_a, "decay"_a, "step"_a,
+        "distribution"_a, "stochastic_rounding"_a, "exponents"_a, "has_next"_a, "next_seed"_a,
+        "next_eps"_a, release_gil);
   m.def("cuda_perturb_", &fastzo::perturb<fastzo::cuda_pass>, "tensors"_a, "keys"_a, "offsets"_a,
         "seed"_a, "scale"_a, "distribution"_a, release_gil);
   m.def("cuda_restore_and_update_", &fastzo::restore_and_update<fastzo::cuda_pass>, "tensors"_a,

@@ -197,6 +197,51 @@ FASTZO_MULTIVERSION void apply_block(StorageKind storage, PassKind pass, const A
 }
 
 // ---------------------------------------------------------------------------------------------
+// Exact mode (16-bit only): integer steps on the tensor's grid (noise_contract.h).
+
+template <class Format, bool kUpdate, bool kStochastic, bool kNext>
+FASTZO_INLINE void exact_loop(const ApplyArgs& args, int32_t exponent, int32_t multiple) {
+  auto* FASTZO_RESTRICT theta = static_cast<uint16_t*>(args.data);
+  const float* FASTZO_RESTRICT z = args.z;
+  const float* FASTZO_RESTRICT u = args.u;
+  const float* FASTZO_RESTRICT z_next = args.z_next;
+  const Grid g = make_grid<Format>(exponent);
+  const float a_q = mul_rn(args.a, g.inv_q), a_next_q = mul_rn(args.a_next, g.inv_q);
+  const float decay = args.decay, b = args.b;
+  for (int64_t i = 0; i < args.count; ++i) {
+    const uint32_t h = theta[i];
+    const uint32_t out =
+        kUpdate ? exact_restored_and_updated<Format, kStochastic, kNext>(
+                      h, a_q, decay, b, z[i], kStochastic ? u[i] : 0.0f, a_next_q,
+                      kNext ? z_next[i] : 0.0f, g)
+                : exact_perturbed(h, a_q, multiple, z[i], g);
+    theta[i] = static_cast<uint16_t>(out);
+  }
+}
+
+template <class Format>
+FASTZO_INLINE void exact_format(PassKind pass, const ApplyArgs& args, int32_t exponent,
+                                int32_t multiple) {
+  if (!pass.update) return exact_loop<Format, false, false, false>(args, exponent, multiple);
+  if (pass.stochastic) {
+    return pass.next ? exact_loop<Format, true, true, true>(args, exponent, multiple)
+                     : exact_loop<Format, true, true, false>(args, exponent, multiple);
+  }
+  return pass.next ? exact_loop<Format, true, false, true>(args, exponent, multiple)
+                   : exact_loop<Format, true, false, false>(args, exponent, multiple);
+}
+
+FASTZO_MULTIVERSION void exact_apply_block(StorageKind storage, PassKind pass,
+                                           const ApplyArgs& args, int32_t exponent,
+                                           int32_t multiple) {
+  switch (storage) {
+    case StorageKind::kBFloat16: return exact_format<BFloat16Format>(pass, args, exponent, multiple);
+    case StorageKind::kFloat16: return exact_format<Float16Format>(pass, args, exponent, multiple);
+    case StorageKind::kFloat32: return;  // refused by check_request
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Driver.
 
 struct TensorJob {
@@ -207,6 +252,7 @@ struct TensorJob {
   uint32_t key;
   StorageKind storage;
   int64_t first_item;  // index of its first chunk in the flat list of work items
+  int32_t exponent;    // exact mode: log2 of the tensor's quantum
 };
 
 struct PassConstants {
@@ -214,6 +260,8 @@ struct PassConstants {
   bool gaussian;
   PassKind pass;
   float a, decay, b, a_next;
+  bool exact;
+  int32_t multiple;
 };
 
 StorageKind storage_kind(at::ScalarType dtype) {
@@ -251,7 +299,11 @@ void run_range(const TensorJob& job, int64_t begin, int64_t end, const PassConst
     const int64_t skip = global - block_start;
     const ApplyArgs args{job.data + begin * job.element_size, z + skip, u + skip, z_next + skip,
                          stop - begin, c.a, c.decay, c.b, c.a_next};
-    apply_block(job.storage, c.pass, args);
+    if (c.exact) {
+      exact_apply_block(job.storage, c.pass, args, job.exponent, c.multiple);
+    } else {
+      apply_block(job.storage, c.pass, args);
+    }
     begin = stop;
   }
 }
@@ -273,7 +325,8 @@ void cpu_pass(const PassRequest& request) {
     const int64_t last_chunk = (offset + t.numel() - 1) / kChunk;
     jobs.push_back(TensorJob{static_cast<char*>(t.data_ptr()), t.element_size(), t.numel(), offset,
                              static_cast<uint32_t>(request.keys[i]), storage_kind(t.scalar_type()),
-                             items});
+                             items,
+                             request.exact ? static_cast<int32_t>(request.exponents[i]) : 0});
     items += last_chunk - first_chunk + 1;
   }
   if (items == 0) return;
@@ -288,7 +341,9 @@ void cpu_pass(const PassRequest& request) {
       request.a,
       request.decay,
       request.b,
-      request.a_next};
+      request.a_next,
+      request.exact,
+      request.multiple};
 
   at::parallel_for(0, items, 1, [&](int64_t item_begin, int64_t item_end) {
     // The job holding item_begin: the last one whose first item is <= item_begin.

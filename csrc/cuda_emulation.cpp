@@ -53,3 +53,30 @@ extern "C" int fastzo_emulate_pass(int64_t* table, int n_tensors, int storage, i
   }
   return 0;
 }
+
+// Exact mode (16-bit storages): the table has six columns, the sixth the quantum's exponent.
+extern "C" int fastzo_emulate_exact_pass(int64_t* table, int n_tensors, int storage, int gaussian,
+                                         int update, int stochastic, int next, uint64_t seed,
+                                         uint64_t next_seed, float a, float decay, float b,
+                                         float a_next, int multiple, int blocks, int threads) {
+  using namespace fastzo::gpu;
+  number_vectors(table, n_tensors, storage, kExactTableColumns);
+  const KernelFunction kernel = pick_exact_kernel(storage, gaussian != 0, update != 0,
+                                                  update != 0 && stochastic != 0,
+                                                  update != 0 && next != 0);
+  if (kernel == nullptr) return 1;
+  const PassConstants constants{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
+                                static_cast<uint32_t>(next_seed),
+                                static_cast<uint32_t>(next_seed >> 32), a, decay, b, a_next,
+                                multiple};
+  gridDim.x = static_cast<unsigned>(blocks);
+  blockDim.x = static_cast<unsigned>(threads);
+  for (int block = 0; block < blocks; ++block) {
+    blockIdx.x = static_cast<unsigned>(block);
+    for (int thread = 0; thread < threads; ++thread) {
+      threadIdx.x = static_cast<unsigned>(thread);
+      kernel(table, n_tensors, constants);
+    }
+  }
+  return 0;
+}

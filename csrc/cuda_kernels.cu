@@ -51,12 +51,13 @@ void cuda_pass(const PassRequest& request) {
   const PassConstants constants{
       static_cast<uint32_t>(request.seed),      static_cast<uint32_t>(request.seed >> 32),
       static_cast<uint32_t>(request.next_seed), static_cast<uint32_t>(request.next_seed >> 32),
-      request.a, request.decay, request.b, request.a_next};
+      request.a, request.decay, request.b, request.a_next, request.multiple};
 
   for (const auto& [dtype, indices] : by_dtype) {
     const int storage = storage_code(dtype);
     const int n_tensors = static_cast<int>(indices.size());
-    at::Tensor table = at::empty({n_tensors, kTableColumns},
+    const int columns = request.exact ? kExactTableColumns : kTableColumns;
+    at::Tensor table = at::empty({n_tensors, columns},
                                  at::TensorOptions().dtype(at::kLong).pinned_memory(true));
     int64_t* row = table.data_ptr<int64_t>();
     for (size_t i : indices) {
@@ -65,9 +66,11 @@ void cuda_pass(const PassRequest& request) {
       row[1] = t.numel();
       row[2] = request.keys[i];
       row[3] = request.offsets[i];
-      row += kTableColumns;
+      if (request.exact) row[5] = request.exponents[i];
+      row += columns;
     }
-    const int64_t total_vectors = number_vectors(table.data_ptr<int64_t>(), n_tensors, storage);
+    const int64_t total_vectors =
+        number_vectors(table.data_ptr<int64_t>(), n_tensors, storage, columns);
     // A pinned source copied on the launch stream: the table is on the device before the kernel
     // runs, and the caching allocator keeps it alive until then.
     const at::Tensor device_table = table.to(device, /*non_blocking=*/true);
@@ -75,8 +78,12 @@ void cuda_pass(const PassRequest& request) {
     const int blocks = static_cast<int>(std::max<int64_t>(
         1, std::min<int64_t>(wanted, static_cast<int64_t>(sm_count) * kBlocksPerSm)));
     const KernelFunction kernel =
-        pick_kernel(storage, request.gaussian, request.update,
-                    request.update && request.stochastic, request.update && request.has_next);
+        request.exact
+            ? pick_exact_kernel(storage, request.gaussian, request.update,
+                                request.update && request.stochastic,
+                                request.update && request.has_next)
+            : pick_kernel(storage, request.gaussian, request.update,
+                          request.update && request.stochastic, request.update && request.has_next);
     TORCH_CHECK(kernel != nullptr, "fastzo: no kernel for dtype ", dtype);
     kernel<<<blocks, kThreads, 0, stream>>>(device_table.data_ptr<int64_t>(), n_tensors, constants);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -22,12 +22,14 @@ using namespace contract;
 
 constexpr int kThreads = 256;
 constexpr int kTableColumns = 5;  // address, numel, key, offset, first vector
+constexpr int kExactTableColumns = 6;  // exact mode: + log2 of the tensor's quantum
 
 enum StorageCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 struct PassConstants {
   uint32_t seed_lo, seed_hi, next_seed_lo, next_seed_hi;
   float a, decay, b, a_next;
+  int32_t multiple;  // exact perturb: steps of multiple * k
 };
 
 // Storage formats as raw bits; float32 arithmetic on every dtype.
@@ -43,6 +45,7 @@ struct Float32Bits {
 template <class Format>
 struct Half16Bits {
   using Element = uint16_t;
+  using StorageFormat = Format;
   static constexpr int kVector = 8;
   static constexpr bool kIs16Bit = true;
   __device__ static float to_float(uint32_t bits) { return Format::to_float(bits); }
@@ -98,11 +101,25 @@ __device__ __forceinline__ uint32_t element_result(uint32_t bits, float z, float
   return kStochastic ? Storage::stochastic(y, u) : Storage::nearest(y);
 }
 
+// Exact mode (16-bit only): integer steps on the tensor's grid g (noise_contract.h).
+template <class Storage, bool kUpdate, bool kStochastic, bool kNext>
+__device__ __forceinline__ uint32_t exact_element_result(uint32_t bits, float z, float u,
+                                                         float z_next, const PassConstants& c,
+                                                         const Grid& g, float a_q, float a_next_q) {
+  if (kUpdate) {
+    return exact_restored_and_updated<typename Storage::StorageFormat, kStochastic, kNext>(
+        bits, a_q, c.decay, c.b, z, u, a_next_q, z_next, g);
+  }
+  return exact_perturbed(bits, a_q, c.multiple, z, g);
+}
+
 // perturb:                 theta <- store(theta + a z)
 // update:                  theta <- store((theta + a z) decay - b z)
 // update, next:            theta <- store((theta + a z) decay - b z + a_next z(next seed))
 // store: round to nearest even, or (kStochastic, 16-bit) the contract's stochastic rounding.
-template <class Storage, bool kGaussian, bool kUpdate, bool kStochastic, bool kNext>
+// kExact (16-bit only): the exact passes; the table has a sixth column, the quantum's exponent.
+template <class Storage, bool kGaussian, bool kUpdate, bool kStochastic, bool kNext,
+          bool kExact = false>
 __global__ void __launch_bounds__(kThreads)
     _zo_pass_kernel(const int64_t* __restrict__ table, int n_tensors, PassConstants c) {
   using Element = typename Storage::Element;
@@ -112,8 +129,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 
+  constexpr int kColumns = kExact ? kExactTableColumns : kTableColumns;
   for (int t = 0; t < n_tensors; ++t) {
-    const int64_t* row = table + t * kTableColumns;
+    const int64_t* row = table + t * kColumns;
     Element* data = reinterpret_cast<Element*>(row[0]);
     const int64_t numel = row[1];
     const uint32_t key = static_cast<uint32_t>(row[2]);
@@ -123,6 +141,13 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t n_vectors = (lead + numel + kVector - 1) / kVector;
     int64_t v = (thread - first_vector) % stride;  // this thread's first vector of tensor t
     if (v < 0) v += stride;
+    Grid grid{};
+    float a_q = 0.0f, a_next_q = 0.0f;
+    if constexpr (kExact) {
+      grid = make_grid<typename Storage::StorageFormat>(static_cast<int32_t>(row[5]));
+      a_q = mul_rn(c.a, grid.inv_q);
+      a_next_q = mul_rn(c.a_next, grid.inv_q);
+    }
     for (; v < n_vectors; v += stride) {
       const int64_t first = offset - lead + v * kVector;
       const int64_t local = first - offset;  // negative for a partial first vector
@@ -141,8 +166,14 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < kVector; ++j) {
           const int shift = 16 * (j % kPerWord);
           const uint32_t bits = (words[j / kPerWord] >> shift) & kMask;
-          const uint32_t result = element_result<Storage, kUpdate, kStochastic, kNext>(
-              bits, z[j], u[j], z_next[j], c);
+          uint32_t result;
+          if constexpr (kExact) {
+            result = exact_element_result<Storage, kUpdate, kStochastic, kNext>(
+                bits, z[j], u[j], z_next[j], c, grid, a_q, a_next_q);
+          } else {
+            result = element_result<Storage, kUpdate, kStochastic, kNext>(bits, z[j], u[j],
+                                                                           z_next[j], c);
+          }
           out[j / kPerWord] |= result << shift;
         }
         *address = make_uint4(out[0], out[1], out[2], out[3]);
@@ -151,8 +182,13 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < kVector; ++j) {
           const int64_t i = local + j;
           if (i < 0 || i >= numel) continue;
-          data[i] = static_cast<Element>(element_result<Storage, kUpdate, kStochastic, kNext>(
-              data[i], z[j], u[j], z_next[j], c));
+          if constexpr (kExact) {
+            data[i] = static_cast<Element>(exact_element_result<Storage, kUpdate, kStochastic, kNext>(
+                data[i], z[j], u[j], z_next[j], c, grid, a_q, a_next_q));
+          } else {
+            data[i] = static_cast<Element>(element_result<Storage, kUpdate, kStochastic, kNext>(
+                data[i], z[j], u[j], z_next[j], c));
+          }
         }
       }
     }
@@ -160,11 +196,12 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Table rows for one dtype: fills row[4] (first vector) and returns the total vector count.
-inline int64_t number_vectors(int64_t* table, int n_tensors, int storage) {
+inline int64_t number_vectors(int64_t* table, int n_tensors, int storage,
+                              int columns = kTableColumns) {
   const int64_t vector = storage == kFloat32 ? 4 : 8;
   int64_t total = 0;
   for (int t = 0; t < n_tensors; ++t) {
-    int64_t* row = table + t * kTableColumns;
+    int64_t* row = table + t * columns;
     row[4] = total;
     total += (row[3] % vector + row[1] + vector - 1) / vector;
   }
@@ -203,6 +240,35 @@ inline KernelFunction pick_kernel(int storage, bool gaussian, bool update, bool 
       return pick_distribution<Half16Bits<BFloat16Format>>(gaussian, update, stochastic, next);
     case kFloat16:
       return pick_distribution<Half16Bits<Float16Format>>(gaussian, update, stochastic, next);
+    default: return nullptr;
+  }
+}
+
+// Exact mode: the kernel instantiation for one launch over 16-bit tensors (nullptr for float32).
+template <class Storage, bool kGaussian>
+KernelFunction pick_exact_pass(bool update, bool stochastic, bool next) {
+  if (!update) return &_zo_pass_kernel<Storage, kGaussian, false, false, false, true>;
+  if (stochastic) {
+    return next ? &_zo_pass_kernel<Storage, kGaussian, true, true, true, true>
+                : &_zo_pass_kernel<Storage, kGaussian, true, true, false, true>;
+  }
+  return next ? &_zo_pass_kernel<Storage, kGaussian, true, false, true, true>
+              : &_zo_pass_kernel<Storage, kGaussian, true, false, false, true>;
+}
+
+template <class Storage>
+KernelFunction pick_exact_distribution(bool gaussian, bool update, bool stochastic, bool next) {
+  return gaussian ? pick_exact_pass<Storage, true>(update, stochastic, next)
+                  : pick_exact_pass<Storage, false>(update, stochastic, next);
+}
+
+inline KernelFunction pick_exact_kernel(int storage, bool gaussian, bool update, bool stochastic,
+                                        bool next) {
+  switch (storage) {
+    case kBFloat16:
+      return pick_exact_distribution<Half16Bits<BFloat16Format>>(gaussian, update, stochastic, next);
+    case kFloat16:
+      return pick_exact_distribution<Half16Bits<Float16Format>>(gaussian, update, stochastic, next);
     default: return nullptr;
   }
 }

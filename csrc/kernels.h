@@ -25,6 +25,12 @@ struct PassRequest {
   bool has_next = false;
   uint64_t next_seed = 0;
   float a_next = 0.f;
+  // Exact mode (16-bit tensors only; docs/noise.md "Exact perturbation of 16-bit weights"):
+  // integer steps k = rne(a/q z) on each tensor's grid, q = 2^exponents[i]. Perturb moves by
+  // multiple*k; update restores by +k, updates, stores on the grid (then + k' with has_next).
+  bool exact = false;
+  int32_t multiple = 1;
+  std::vector<int64_t> exponents;
 };
 
 // Checks everything before any tensor is touched; throws c10::Error on bad input.

@@ -29,7 +29,7 @@ namespace fastzo {
 namespace contract {
 
 // Bumped whenever the kernels' semantics change; the Python side refuses a stale build.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
 constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
@@ -261,6 +261,8 @@ FASTZO_HD float rounding_uniform(uint32_t half) {
 // the same code on host and device, branch-free, round to nearest even.
 
 struct BFloat16Format {
+  // For exact mode: explicit mantissa bits, exponent bias, largest finite and inf patterns.
+  static constexpr int32_t kMantissaBits = 7, kBias = 127, kMaxBits = 0x7F7F, kInfBits = 0x7F80;
   FASTZO_HD float to_float(uint32_t h) { return bits_float(h << 16); }
   FASTZO_HD uint32_t round_nearest(float y) {
     const uint32_t b = float_bits(y);
@@ -270,6 +272,7 @@ struct BFloat16Format {
 };
 
 struct Float16Format {
+  static constexpr int32_t kMantissaBits = 10, kBias = 15, kMaxBits = 0x7BFF, kInfBits = 0x7C00;
   // c10's fp16_ieee_to_fp32_value: exact, subnormals included.
   FASTZO_HD float to_float(uint32_t h) {
     const uint32_t w = h << 16;
@@ -328,6 +331,130 @@ FASTZO_HD float restored_and_updated(float theta, float eps, float decay, float 
 // rounded once when stored (stochastic-rounding bits from the current seed).
 FASTZO_HD float updated_and_perturbed(float updated, float next_scale, float z_next) {
   return add_rn(updated, mul_rn(next_scale, z_next));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact mode for 16-bit weights (docs/noise.md, "Exact perturbation of 16-bit weights"): integer
+// steps on a per-tensor grid S_q, so +eps z, -2 eps z, +eps z returns every weight bit for bit.
+// Integer arithmetic only, apart from single float32 operations whose results are exact or
+// rounded once (IEEE, no contraction), so host and device agree with the oracle bit for bit.
+
+// One tensor's grid: q = 2^exponent; T = q 2^mbits; index N in [-n_max, n_max].
+struct Grid {
+  int32_t mbits;     // explicit mantissa bits of the storage format
+  int32_t lq;        // log2(q / smallest subnormal)
+  int32_t t_bits;    // 16-bit pattern of T
+  int32_t n_max;     // N(largest finite value)
+  int32_t inf_bits;  // 16-bit pattern of +inf
+  uint32_t t_bits32; // float32 pattern of T
+  float inv_q;       // 2^-exponent, a normal float32
+};
+
+// exponent: log2 q, in [-126, 120] (bfloat16) or [-24, 5] (float16), checked by the caller.
+template <class Format>
+FASTZO_HD Grid make_grid(int32_t exponent) {
+  Grid g;
+  g.mbits = Format::kMantissaBits;
+  g.lq = exponent + Format::kBias + Format::kMantissaBits - 1;
+  g.t_bits = (g.lq + 1) << g.mbits;
+  g.n_max = (1 << g.mbits) + Format::kMaxBits - g.t_bits;
+  g.inf_bits = Format::kInfBits;
+  g.t_bits32 = static_cast<uint32_t>(127 + g.mbits + exponent) << 23;
+  g.inv_q = bits_float(static_cast<uint32_t>(127 - exponent) << 23);
+  return g;
+}
+
+FASTZO_HD int32_t min_i(int32_t a, int32_t b) { return a < b ? a : b; }
+FASTZO_HD int32_t max_i(int32_t a, int32_t b) { return a > b ? a : b; }
+
+// round_half_even(x) for float32 |x| < 2^22, from the bits of x (no float rounding mode involved).
+FASTZO_HD int32_t round_half_even_int(float x) {
+  const uint32_t b = float_bits(x);
+  const int32_t e = static_cast<int32_t>((b >> 23) & 0xFFu);
+  const int32_t sig = static_cast<int32_t>((b & 0x7FFFFFu) | 0x800000u);
+  const int32_t sh = min_i(max_i(150 - e, 1), 25);  // |x| = sig 2^(e - 150)
+  const int32_t whole = sig >> sh;
+  const int32_t rem = sig & ((1 << sh) - 1);
+  const int32_t half = 1 << (sh - 1);
+  const int32_t up = (rem > half || (rem == half && (whole & 1))) ? 1 : 0;
+  const int32_t r = e < 126 ? 0 : whole + up;  // |x| < 1/2 rounds to 0
+  return (b >> 31) ? -r : r;
+}
+
+// N(x) of a finite 16-bit pattern: x/q below T (rounded toward zero if off the grid),
+// 2^mbits + bits(|x|) - bits(T) from T on; N(-x) = -N(x).
+FASTZO_HD int32_t grid_index(uint32_t h, const Grid& g) {
+  const int32_t mag = static_cast<int32_t>(h & 0x7FFFu);
+  const int32_t e = mag >> g.mbits;
+  const int32_t m = mag & ((1 << g.mbits) - 1);
+  const int32_t sig = e == 0 ? m : m + (1 << g.mbits);
+  const int32_t sh = min_i(max_i(g.lq - (max_i(e, 1) - 1), 0), 31);
+  const int32_t n = mag < g.t_bits ? (sig >> sh) : (1 << g.mbits) + mag - g.t_bits;
+  return (h & 0x8000u) ? -n : n;
+}
+
+// N^-1: the 16-bit pattern of grid index n (|n| <= n_max); index 0 is +0.
+FASTZO_HD uint32_t grid_bits(int32_t n, const Grid& g) {
+  const int32_t a = n < 0 ? -n : n;
+  // floor(log2 a) from the exponent of float(a), exact for a < 2^24
+  const int32_t p = static_cast<int32_t>((float_bits(static_cast<float>(max_i(a, 1))) >> 23) & 0xFFu) - 127;
+  const int32_t normal = ((p + g.lq - g.mbits) << g.mbits) + static_cast<int32_t>(
+      static_cast<uint32_t>(a) << min_i(max_i(g.mbits - p, 0), 31));
+  const int32_t subnormal = static_cast<int32_t>(static_cast<uint32_t>(a) << min_i(g.lq, 31));
+  int32_t below = p + g.lq >= g.mbits ? normal : subnormal;
+  below = a == 0 ? 0 : below;
+  const int32_t mag = a < (1 << g.mbits) ? below : a - (1 << g.mbits) + g.t_bits;
+  return static_cast<uint32_t>(mag) | (n < 0 ? 0x8000u : 0u);
+}
+
+// N^-1(wrap(N(h) + steps)); wrap keeps the index in [-n_max, n_max] (modulo 2 n_max + 1).
+// inf and NaN patterns are returned unchanged.
+FASTZO_HD uint32_t step_on_grid(uint32_t h, int32_t steps, const Grid& g) {
+  const int32_t count = 2 * g.n_max + 1;
+  int32_t r = (grid_index(h, g) + steps + g.n_max) % count;
+  r = (r < 0 ? r + count : r) - g.n_max;
+  return static_cast<int32_t>(h & 0x7FFFu) < g.inf_bits ? grid_bits(r, g) : h;
+}
+
+// Integer steps of one element: round_half_even(a_q z), a_q = eps / q in float32.
+FASTZO_HD int32_t grid_steps(float a_q, float z) { return round_half_even_int(mul_rn(a_q, z)); }
+
+// float32 y onto the grid: below T to a multiple of q (stochastically with u, or to nearest
+// even), from T on the storage format's rounding (the contract's stochastic rounding, or RNE).
+template <class Format, bool kStochastic>
+FASTZO_HD uint32_t round_to_grid(float y, float u, const Grid& g) {
+  const uint32_t y_bits = float_bits(y);
+  const bool below = (y_bits & 0x7FFFFFFFu) < g.t_bits32;
+  const float c = below ? mul_rn(abs_f(y), g.inv_q) : 0.0f;  // exact: q is a power of two
+  int32_t n;
+  uint32_t storage;
+  if (kStochastic) {
+    const int32_t whole = static_cast<int32_t>(c);
+    n = whole + (u < sub_rn(c, static_cast<float>(whole)) ? 1 : 0);
+    storage = round_stochastic<Format>(y, u);
+  } else {
+    n = round_half_even_int(c);
+    storage = Format::round_nearest(y);
+  }
+  const uint32_t grid = grid_bits((y_bits >> 31) ? -n : n, g);
+  return below ? grid : storage;
+}
+
+// The exact passes on one element (h a 16-bit pattern; a_q = fl32(eps / q) per tensor).
+FASTZO_HD uint32_t exact_perturbed(uint32_t h, float a_q, int32_t multiple, float z, const Grid& g) {
+  return step_on_grid(h, multiple * grid_steps(a_q, z), g);
+}
+
+// Restore by +k, update in float32, store on the grid; with kNext then + k' of the next seed.
+// inf and NaN weights are kept as they are.
+template <class Format, bool kStochastic, bool kNext>
+FASTZO_HD uint32_t exact_restored_and_updated(uint32_t h, float a_q, float decay, float b, float z,
+                                              float u, float a_next_q, float z_next, const Grid& g) {
+  const uint32_t restored = step_on_grid(h, grid_steps(a_q, z), g);
+  const float y = sub_rn(mul_rn(Format::to_float(restored), decay), mul_rn(b, z));
+  uint32_t out = round_to_grid<Format, kStochastic>(y, u, g);
+  if (kNext) out = step_on_grid(out, grid_steps(a_next_q, z_next), g);
+  return static_cast<int32_t>(h & 0x7FFFu) < g.inf_bits ? out : h;
 }
 
 }  // namespace contract

@@ -411,3 +411,78 @@ def test_exact_mode_is_per_dtype_and_can_be_turned_off():
     assert off.exact_perturbation is False
     with pytest.raises(TypeError):
         fastzo.MeZO(_model(torch.bfloat16).parameters(), lr=1e-2, exact_perturbation="yes")
+
+
+# ------------------------------------------------------ the CUDA kernel, emulated on the CPU
+@pytest.fixture(scope="module")
+def emulated_exact_kernel(tmp_path_factory):
+    """csrc/cuda_emulation.cpp built with the host compiler: the CUDA kernel's exact-mode code,
+    run thread by thread on the CPU (host math, so bit-identical to backend "cpp")."""
+    import ctypes
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[1] / "csrc" / "cuda_emulation.cpp"
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if not source.exists() or compiler is None:
+        pytest.skip("needs the csrc sources and a C++ compiler")
+    library = tmp_path_factory.mktemp("emulation") / "cuda_emulation.so"
+    subprocess.run([compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off",
+                    "-fno-math-errno", "-Wno-unknown-pragmas", str(source), "-o", str(library)],
+                   check=True)
+    run = ctypes.CDLL(str(library)).fastzo_emulate_exact_pass
+    run.restype = ctypes.c_int
+    run.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_uint64] * 2 + \
+        [ctypes.c_float] * 4 + [ctypes.c_int] * 3
+    codes = {torch.bfloat16: 1, torch.float16: 2}
+
+    def launch(tensors, keys, offsets, exponents, seed, distribution, *, update=False, a=0.0,
+               decay=1.0, b=0.0, stochastic=False, next_seed=None, a_next=0.0, multiple=1,
+               blocks=3, threads=32):
+        for dtype, code in codes.items():
+            rows = [[t.data_ptr(), t.numel(), k, o, 0, e]
+                    for t, k, o, e in zip(tensors, keys, offsets, exponents)
+                    if t.dtype == dtype and t.numel()]
+            if rows:
+                table = torch.tensor(rows, dtype=torch.int64)
+                assert run(table.data_ptr(), len(rows), code, distribution == "gaussian", update,
+                           stochastic, next_seed is not None, seed, next_seed or 0, a, decay, b,
+                           a_next, multiple, blocks, threads) == 0
+
+    return launch
+
+
+@pytest.mark.skipif("cpp" not in EXACT_BACKENDS, reason="needs backend cpp")
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", ["perturb", "update", "stochastic", "fused"])
+def test_emulated_cuda_exact_kernel_equals_cpp(emulated_exact_kernel, kind, distribution, gen):
+    base_bf, q_bf = weights(20000, torch.bfloat16, gen)
+    base_h, q_h = weights(9000, torch.float16, gen)
+    views = [base_bf[0:1], base_bf[1:4], base_bf[5:9000], base_h[3:8000], base_bf[9001:20000]]
+    quanta = [q_bf, q_bf, q_bf, q_h, 2 * q_bf]
+    exponents = [math.frexp(q)[1] - 1 for q in quanta]
+    keys, offsets = [3, 1, 2**32 - 1, 7, 0], [0, 5, 2**33 + 6, 3, 2**62 - 20000]
+    got = [v.clone() for v in views]
+    want = [v.clone() for v in views]
+    seed, next_seed, lr, g, wd = 2**64 - 3, 17, 1e-3, 0.6, 0.05
+    decay = fastzo.ops.as_float32(1 - lr * wd, "decay")
+    step = fastzo.ops.as_float32(lr * g, "step")
+    common = dict(keys=keys, offsets=offsets, distribution=distribution, backend="cpp")
+    if kind == "perturb":
+        fastzo.exact_perturb_(want, seed, EPS, -2, quanta, **common)
+        emulated_exact_kernel(got, keys, offsets, exponents, seed, distribution, a=EPS, multiple=-2)
+    elif kind == "fused":
+        fastzo.restore_update_and_perturb_(want, seed, EPS, lr, g, wd, next_seed, EPS,
+                                           exact_quanta=quanta, **common)
+        emulated_exact_kernel(got, keys, offsets, exponents, seed, distribution, update=True, a=EPS,
+                              decay=decay, b=step, stochastic=True, next_seed=next_seed, a_next=EPS)
+    else:
+        sr = kind == "stochastic"
+        fastzo.restore_and_update_(want, seed, EPS, lr, g, wd, stochastic_rounding=sr,
+                                   exact_quanta=quanta, **common)
+        emulated_exact_kernel(got, keys, offsets, exponents, seed, distribution, update=True, a=EPS,
+                              decay=decay, b=step, stochastic=sr)
+    for a, b in zip(got, want):
+        assert same_bits(a, b)

@@ -50,3 +50,17 @@ def restore_update_and_perturb_(tensors, keys, offsets, seed, eps, decay, step, 
     _extension().cuda_restore_update_and_perturb_(
         tensors, keys, offsets, seed, eps, decay, step, distribution, stochastic_rounding,
         next_seed, next_scale)
+
+
+def exact_perturb_(tensors, keys, offsets, seed, eps, multiple, exponents, distribution):
+    """Exact mode (16-bit tensors): multiple * k integer steps on each tensor's grid."""
+    _extension().cuda_exact_perturb_(tensors, keys, offsets, seed, eps, multiple, exponents,
+                                     distribution)
+
+
+def exact_restore_and_update_(tensors, keys, offsets, seed, eps, decay, step, distribution,
+                              stochastic_rounding, exponents, next_seed=None, next_eps=0.0):
+    """Exact mode: restore by +k, update, store on the grid (then + k' of the next seed)."""
+    _extension().cuda_exact_restore_and_update_(
+        tensors, keys, offsets, seed, eps, decay, step, distribution, stochastic_rounding,
+        exponents, next_seed is not None, next_seed or 0, next_eps)
