@@ -361,6 +361,26 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return model
 
 
+HEAD_NAMES = ("head.", "classifier.", "score.")
+
+
+def select_trainable(model: nn.Module, which: str) -> int:
+    """Freeze all but ``which`` ("all", "bitfit": biases + norms + head, "head"); returns the count.
+
+    MeZO perturbs and updates only parameters with requires_grad=True; backprop trains the same set.
+    """
+    if which == "all":
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for name, p in model.named_parameters():
+        is_head = name.startswith(HEAD_NAMES) or any(f".{h}" in name for h in HEAD_NAMES)
+        is_bitfit = name.endswith(".bias") or "norm" in name.lower()
+        p.requires_grad_(is_head or (which == "bitfit" and is_bitfit))
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if count == 0:
+        raise ValueError(f"--trainable {which}: this model has no such parameters")
+    return count
+
+
 def label_token_ids(spec: ModelSpec) -> tuple[list[int], torch.Tensor]:
     """(ids appended to every prompt, the scored token per class)."""
     encoded = [spec.tokenizer.encode(w) for w in spec.label_words]
@@ -575,6 +595,7 @@ def run_method(method, spec, args, data, device, out_dir: Path, before) -> RunRe
     pad = spec.tokenizer.pad_id
     result = RunResult(method)
     model = build_model(spec).to(device=device, dtype=args.torch_dtype)
+    select_trainable(model, args.trainable)
     task = Task(spec.task, model, label_token_ids(spec)[1] if spec.task == "prompt" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     steps = args.steps if method == "mezo" else args.bp_steps
@@ -733,6 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
     p.add_argument("--backend", default=None, help="fastzo backend (default: fastest available)")
     p.add_argument("--fused-steps", action="store_true", help="MeZO fused-steps mode (2 passes a step)")
+    p.add_argument("--trainable", default="all", choices=["all", "bitfit", "head"],
+                   help="parameters to train (both methods): all, biases+norms+head, or the head")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--eval-batch-size", type=int, default=64)
@@ -791,9 +814,14 @@ def cli_main(argv=None) -> int:
 
     model = build_model(spec).to(device=device, dtype=args.torch_dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    try:
+        n_trainable = select_trainable(model, args.trainable)
+    except ValueError as exc:
+        print(f"fastzo finetune: {exc}", file=sys.stderr)
+        return 2
     backend = _resolved_backend(args.backend, device) if args.method != "bp" else None
-    _say(args, f"fastzo finetune: {args.model} ({spec.task}, {n_params / 1e6:.2f} M parameters) on "
+    _say(args, f"fastzo finetune: {args.model} ({spec.task}, {n_params / 1e6:.2f} M parameters, "
+               f"{n_trainable / 1e6:.3g} M trained) on "
                f"{data.name}: {len(train_ids)} train / {len(test_ids)} held-out, {len(data.label_names)} "
                f"classes; device {device}, {torch.get_num_threads()} threads"
                + (f", fastzo backend {backend!r}" if backend else ""))
@@ -833,7 +861,8 @@ def cli_main(argv=None) -> int:
     plotted = plot(results, title, out_dir / "finetune.png")
     metrics = {
         "model": args.model, "task": spec.task, "data": data.name, "n_train": len(train_ids),
-        "n_test": len(test_ids), "classes": data.label_names, "params": n_params, "trainable_params": n_trainable,
+        "n_test": len(test_ids), "classes": data.label_names, "params": n_params,
+        "trainable": args.trainable, "trainable_params": n_trainable,
         "device": str(device), "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                                else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(), "dtype": args.dtype, "max_length": args.max_length,

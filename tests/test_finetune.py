@@ -114,6 +114,23 @@ def test_embedding_head_starts_from_class_descriptions(tmp_path):
     assert torch.equal(model.head.bias, torch.zeros(2))
 
 
+def test_trainable_subsets():
+    spec = finetune.resolve_model("tiny-bert", "auto", 2, None, finetune.DEFAULT_TEMPLATE, 0)
+    model = finetune.build_model(spec)
+    total = sum(p.numel() for p in model.parameters())
+    assert finetune.select_trainable(model, "all") == total
+    head = finetune.select_trainable(model, "head")
+    assert head == sum(p.numel() for p in model.classifier.parameters())
+    bitfit = finetune.select_trainable(model, "bitfit")
+    assert head < bitfit < total
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "bert.encoder.layer.0.attention.output.LayerNorm.weight" in trained
+    assert "bert.encoder.layer.0.attention.self.query.weight" not in trained
+    llama = finetune.build_model(finetune.resolve_model("tiny-llama", "auto", 2, None, finetune.DEFAULT_TEMPLATE, 0))
+    with pytest.raises(ValueError, match="no such parameters"):
+        finetune.select_trainable(llama, "head")  # lm_head is tied to the embeddings: not a head
+
+
 def test_bad_input_is_reported(tmp_path, capsys):
     assert finetune.cli_main(["--data", str(tmp_path / "missing.csv"), "--output", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
