@@ -747,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="both", choices=["mezo", "bp", "both"])
     p.add_argument("--steps", type=int, default=300, help="MeZO steps")
     p.add_argument("--bp-steps", type=int, default=100, help="backprop steps")
-    p.add_argument("--lr", type=float, default=5e-5, help="MeZO learning rate")
+    p.add_argument("--lr", type=float, default=2e-5, help="MeZO learning rate")
     p.add_argument("--eps", type=float, default=1e-3, help="MeZO perturbation size")
     p.add_argument("--bp-lr", type=float, default=3e-5, help="backprop (Adam) learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0)
