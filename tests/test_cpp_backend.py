@@ -506,17 +506,33 @@ def test_cuda_equals_cpp(dtype, gen):
     """Rademacher passes are bit-identical across devices; several tensors, odd offsets and
     misaligned views exercise the scalar edges of the vectorised kernel."""
     base = random_weights(300011, dtype, gen)
-    views = [base[1:1001], base[2000:2001], base[4096:200000], base[200003:]]
+    base_gpu = base.cuda()
+    cuts = [slice(1, 1001), slice(2000, 2001), slice(4096, 200000), slice(200003, None)]
     keys, offsets = [1, 2, 3, 4], [0, 13, 2**33 + 8, 5]
     args = dict(seed=2**64 - 1, eps=EPS, lr=1e-3, projected_grad=0.7, weight_decay=0.01,
                 keys=keys, offsets=offsets, distribution="rademacher", stochastic_rounding=True)
-    cpu = [v.clone() for v in views]
-    gpu = [v.cuda() for v in views]
+    cpu = [base[c] for c in cuts]
+    gpu = [base_gpu[c] for c in cuts]  # views: misaligned starts on the device too
     fastzo.restore_and_update_(cpu, backend="cpp" if HAS_CPP else "torch", **args)
     fastzo.restore_and_update_(gpu, backend="cuda", **args)
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())
+    fused = dict(args, next_seed=5, next_scale=-EPS)
+    fastzo.restore_update_and_perturb_(cpu, backend="cpp" if HAS_CPP else "torch", **fused)
+    fastzo.restore_update_and_perturb_(gpu, backend="cuda", **fused)
     for a, b in zip(cpu, gpu):
         assert torch.equal(a, b.cpu())
     fastzo.perturb_(cpu, 3, EPS, keys=keys, offsets=offsets, backend="cpp" if HAS_CPP else "torch")
     fastzo.perturb_(gpu, 3, EPS, keys=keys, offsets=offsets, backend="cuda")
     for a, b in zip(cpu, gpu):
         assert_stored_like_oracle(b.cpu(), a.float(), "gaussian", 2 * EPS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU and fastzo._C built with CUDA")
+def test_cuda_gaussian_noise_is_within_the_contract_tolerance():
+    n, offset = 278011, 2**35 + 3
+    w = torch.zeros(n, device="cuda")
+    fastzo.perturb_([w], 2**64 - 9, 1.0, keys=[8], offsets=[offset], backend="cuda")
+    z = oracle_noise(n, 2**64 - 9, 8, offset, "gaussian")
+    assert (w.cpu() - z).abs().max().item() <= Z_TOL
