@@ -24,7 +24,8 @@
 #include "kernels.h"
 #include "noise_contract.h"
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+// target_clones needs GCC and glibc's ifunc (musl has none).
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) && \
     !defined(FASTZO_NO_MULTIVERSION)
 #if __GNUC__ >= 12
 #define FASTZO_MULTIVERSION \
