@@ -37,7 +37,8 @@ from fastzo import noise  # noqa: E402
 MBITS = {torch.bfloat16: 7, torch.float16: 10}
 NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 FIELDS = ["dtype", "measure", "mode", "backend", "n", "cycles", "changed_fraction", "rms_drift_ulps",
-          "max_drift_ulps", "intended_ulps", "applied_over_intended", "stderr", "seconds"]
+          "max_drift_ulps", "rms_drift_ulps_at_rms", "intended_ulps", "applied_over_intended",
+          "stderr", "seconds"]
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -70,9 +71,14 @@ def start_weights(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
 
 
 def drift_stats(w, start, dtype):
+    """Changed fraction; RMS and max drift in ulps of each weight's start value (tiny weights
+    have tiny ulps, so these weigh them heavily); RMS drift in ulps at the weights' rms."""
     changed = (w.view(torch.int16) != start.view(torch.int16)).double().mean().item()
-    drift = (w.double() - start.double()) / ulp(start, dtype)
-    return changed, drift.pow(2).mean().sqrt().item(), drift.abs().max().item()
+    delta = w.double() - start.double()
+    drift = delta / ulp(start, dtype)
+    at_rms = delta / ulp(start.double().pow(2).mean().sqrt(), dtype)
+    return (changed, drift.pow(2).mean().sqrt().item(), drift.abs().max().item(),
+            at_rms.pow(2).mean().sqrt().item())
 
 
 def run_drift(dtype, mode, n, cycles, checkpoints, backend, eps, base_seed, rows):
@@ -101,13 +107,14 @@ def run_drift(dtype, mode, n, cycles, checkpoints, backend, eps, base_seed, rows
             for scale in (eps, -2 * eps, eps):
                 fastzo.perturb_([w], seed, scale, backend=backend)
         if cycle in checkpoints:
-            changed, rms, worst = drift_stats(w, start, dtype)
+            changed, rms, worst, at_rms = drift_stats(w, start, dtype)
             seconds = time.perf_counter() - t0
             rows.append(dict(dtype=NAMES[dtype], measure="drift", mode=mode, backend=backend, n=n,
                              cycles=cycle, changed_fraction=changed, rms_drift_ulps=rms,
-                             max_drift_ulps=worst, seconds=seconds))
+                             max_drift_ulps=worst, rms_drift_ulps_at_rms=at_rms, seconds=seconds))
             print(f"  {NAMES[dtype]:8s} {mode:5s} after {cycle:5d} cycles: {changed:7.2%} changed, "
-                  f"rms drift {rms:8.3f} ulp, max {worst:8.1f} ulp  ({seconds:.0f} s)", flush=True)
+                  f"rms drift {rms:8.2f} ulp (own), {at_rms:6.3f} ulp (at rms), max {worst:8.0f} ulp "
+                  f"({seconds:.0f} s)", flush=True)
 
 
 def run_updates(dtype, n, updates, backend, eps, rows):

@@ -55,9 +55,16 @@ void check_request(const PassRequest& r, c10::DeviceType device_type) {
       const int64_t e = r.exponents[i];
       TORCH_CHECK(e >= low && e <= high, "quantum exponent ", e, " of tensor ", i,
                   " is outside [", low, ", ", high, "]");
+      // |multiple| (6 |eps| / q + 1) <= 2 Nmax + 1: a step is shorter than the index ring.
+      const int64_t mbits = dtype == at::kBFloat16 ? 7 : 10;
+      const int64_t bias = dtype == at::kBFloat16 ? 127 : 15;
+      const int64_t max_bits = dtype == at::kBFloat16 ? 0x7F7F : 0x7BFF;
+      const int64_t ring = 2 * ((int64_t{1} << mbits) + max_bits - ((e + bias + mbits) << mbits)) + 1;
+      const double multiple = r.update ? 1.0 : std::fabs(static_cast<double>(r.multiple));
       for (const float eps : {r.a, r.a_next}) {
-        TORCH_CHECK(std::ldexp(std::fabs(static_cast<double>(eps)), static_cast<int>(-e)) <= 262144.0,
-                    "eps ", eps, " is more than 2**18 quanta of tensor ", i);
+        const double steps = 6.0 * std::ldexp(std::fabs(static_cast<double>(eps)), static_cast<int>(-e));
+        TORCH_CHECK(multiple * (steps + 1.0) <= static_cast<double>(ring), "eps ", eps,
+                    " is too many quanta 2**", e, " of tensor ", i, " for one step");
       }
     }
   }

@@ -407,12 +407,14 @@ FASTZO_HD uint32_t grid_bits(int32_t n, const Grid& g) {
   return static_cast<uint32_t>(mag) | (n < 0 ? 0x8000u : 0u);
 }
 
-// N^-1(wrap(N(h) + steps)); wrap keeps the index in [-n_max, n_max] (modulo 2 n_max + 1).
+// N^-1(wrap(N(h) + steps)); wrap keeps the index in [-n_max, n_max] (modulo 2 n_max + 1). The
+// caller guarantees |steps| < 2 n_max + 1, so one conditional add or subtract is the modulo.
 // inf and NaN patterns are returned unchanged.
 FASTZO_HD uint32_t step_on_grid(uint32_t h, int32_t steps, const Grid& g) {
   const int32_t count = 2 * g.n_max + 1;
-  int32_t r = (grid_index(h, g) + steps + g.n_max) % count;
-  r = (r < 0 ? r + count : r) - g.n_max;
+  int32_t r = grid_index(h, g) + steps;
+  r = r > g.n_max ? r - count : r;
+  r = r < -g.n_max ? r + count : r;
   return static_cast<int32_t>(h & 0x7FFFu) < g.inf_bits ? grid_bits(r, g) : h;
 }
 

@@ -252,8 +252,9 @@ FORMATS16 = {
     torch.float16: Format16("float16", 10, 15, 0x7BFF, 0x7C00, -24, 5),
 }
 
-MAX_EPS_OVER_Q = 2.0**18  # |k| <= 5.9 * 2**18 < 2**21: integer steps stay far inside int32
 MAX_MULTIPLE = 256
+# Exact passes require |multiple|·(6·|eps|/q + 1) <= 2·Nmax + 1 (ops._check_steps): a step is
+# then shorter than the index ring, so wrapping needs one conditional add or subtract.
 
 
 def grid_index(bits: torch.Tensor, exponent: int, fmt: Format16) -> torch.Tensor:

@@ -243,13 +243,19 @@ def _check_quanta(quanta, tensors: list[torch.Tensor]) -> list[int | None]:
     return exponents
 
 
-def _check_eps_over_q(eps_values, exponents):
+def _check_steps(eps_values, exponents, tensors, multiple: int = 1):
+    """|multiple|·(6·|eps|/q + 1) ≤ 2·Nmax + 1 per exact tensor: every |step| is then below the
+    size of the index ring (|z| < 5.9), so one wrap keeps an index in [−Nmax, Nmax]."""
     for eps in eps_values:
-        for idx, e in enumerate(exponents):
-            if e is not None and abs(eps) * 2.0**-e > noise.MAX_EPS_OVER_Q:
+        for idx, (e, t) in enumerate(zip(exponents, tensors)):
+            if e is None:
+                continue
+            ring = 2 * noise.FORMATS16[t.dtype].max_index(e) + 1
+            if abs(multiple) * (6.0 * abs(eps) * 2.0**-e + 1.0) > ring:
                 raise ValueError(
-                    f"eps={eps} is more than 2**18 quanta (q=2**{e}) of tensor {idx}: choose a "
-                    "larger quantum (fastzo.exact_quantum)"
+                    f"eps={eps} (multiple {multiple}) is too many quanta q=2**{e} for tensor {idx}: "
+                    f"|multiple|·(6·eps/q + 1) must be at most {ring}; choose a larger quantum "
+                    "(fastzo.exact_quantum)"
                 )
 
 
@@ -283,7 +289,8 @@ def _exact_module(module, device: torch.device):
     raise ValueError(f"no available backend implements exact mode on device {device}")
 
 
-def _prepare_exact(tensors, seed, keys, offsets, distribution, backend, quanta, eps_values):
+def _prepare_exact(tensors, seed, keys, offsets, distribution, backend, quanta, eps_values,
+                   multiple=1):
     """Validate everything; split the live tensors into (exact, plain) lists of (t, key, offset[, e])."""
     tensors = _as_list(tensors)
     noise.check_seed(seed)
@@ -292,7 +299,7 @@ def _prepare_exact(tensors, seed, keys, offsets, distribution, backend, quanta, 
     keys = _check_keys(keys, len(tensors))
     offsets = _check_offsets(offsets, tensors)
     exponents = _check_quanta(quanta, tensors)
-    _check_eps_over_q(eps_values, exponents)
+    _check_steps(eps_values, exponents, tensors, multiple)
     if device is None:
         return None, None, [], []
     module = get_backend(backend) if backend is not None else get_backend(pick_backend(device))
@@ -328,7 +335,7 @@ def exact_perturb_(tensors, seed: int, eps: float, multiple: int, quanta, *, key
     multiple = _check_multiple(multiple)
     scale = as_float32(multiple * eps, "multiple * eps")
     module, exact_module, exact, plain = _prepare_exact(tensors, seed, keys, offsets, distribution,
-                                                        backend, quanta, [eps])
+                                                        backend, quanta, [eps], multiple)
     with torch.no_grad():
         if plain:
             ts, ks, os_, _ = _columns(plain)

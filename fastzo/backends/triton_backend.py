@@ -193,9 +193,10 @@ if triton is not None:
     @triton.jit
     def _step_on_grid(bits, steps, lq, t_bits, n_max, MBITS: tl.constexpr, INF_BITS: tl.constexpr):
         """N⁻¹(wrap(N(bits) + steps)); inf/NaN patterns unchanged."""
-        count = 2 * n_max + 1
-        r = (_grid_index(bits, lq, t_bits, MBITS) + steps + n_max) % count
-        r = tl.where(r < 0, r + count, r) - n_max
+        count = 2 * n_max + 1  # |steps| < count (checked by the caller): one wrap suffices
+        r = _grid_index(bits, lq, t_bits, MBITS) + steps
+        r = tl.where(r > n_max, r - count, r)
+        r = tl.where(r < -n_max, r + count, r)
         return tl.where((bits & 0x7FFF) < INF_BITS, _grid_bits(r, lq, t_bits, MBITS), bits)
 
     @triton.jit
