@@ -424,7 +424,7 @@ def _mlp_saved_tensors(spec: TransformerSpec, run: RunSpec) -> int:
         return 4 if eager else 3
     if spec.activation == "relu":
         return 1  # relu's output is both what relu's backward reads and fc2's input
-    if eager and spec.activation in ("gelu_new", "gelu_pytorch_tanh_unfused"):
+    if eager and spec.activation == "gelu_new":
         # NewGELU in Python: x, tanh(...), 0.5·x, 1 + tanh(...), then fc2's input
         return 5
     return 2  # activation input, fc2 input
@@ -569,19 +569,28 @@ def backward_transients(spec: TransformerSpec, run: RunSpec) -> dict[str, float]
     return {"output head": head, "attention": attention, "mlp": mlp}
 
 
-def bp_activation_peak(spec: TransformerSpec, run: RunSpec, checkpointed: int = 0) -> float:
-    """Peak activation bytes of a BP step: the stored activations plus the largest backward
-    transient; with checkpointing, plus one recomputed layer (its forward temporaries, then its
-    activations and their gradients)."""
+def bp_activation_phases(spec: TransformerSpec, run: RunSpec,
+                         checkpointed: int = 0) -> dict[str, float]:
+    """Activation bytes of a BP step at each backward phase: the stored activations plus that
+    phase's transient; with checkpointing, a layer phase also holds one recomputed layer (its
+    forward temporaries, then its activations and their gradients)."""
     stored = stored_activations(spec, run, checkpointed)
     transients = backward_transients(spec, run)
     layer_backward = max(transients["attention"], transients["mlp"])
-    if not checkpointed:
-        return stored + max(transients["output head"], layer_backward)
-    recompute_forward = forward_working_set(spec, run)["attention"] - forward_persistent(spec, run)
-    return stored + max(transients["output head"],
-                        layer_activations(spec, run) + layer_backward,
-                        recompute_forward)
+    phases = {"output head": stored + transients["output head"]}
+    if checkpointed:
+        recompute_forward = forward_working_set(spec, run)["attention"] \
+            - forward_persistent(spec, run)
+        phases["top layer"] = stored + max(layer_activations(spec, run) + layer_backward,
+                                           recompute_forward)
+    else:
+        phases["top layer"] = stored + layer_backward
+    return phases
+
+
+def bp_activation_peak(spec: TransformerSpec, run: RunSpec, checkpointed: int = 0) -> float:
+    """Peak activation bytes of a BP step (the largest of ``bp_activation_phases``)."""
+    return max(bp_activation_phases(spec, run, checkpointed).values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,16 +640,18 @@ def _bp(spec, run, params, checkpointed, name) -> MethodMemory:
     grads = params * run.gradient_bytes
     state = params * OPTIMIZERS[run.optimizer] * run.optimizer_state_bytes
     stored = stored_activations(spec, run, checkpointed)
-    peak_activations = bp_activation_peak(spec, run, checkpointed)
-    # Step timeline: gradients are allocated during the backward pass, the activation peak comes
-    # early in it (only the output head's and the top layer's gradients exist then); the
-    # optimizer's first step then allocates its state, and torch's per-tensor Adam (the default
-    # on CPU) about two temporaries of the largest weight.
+    phases = bp_activation_phases(spec, run, checkpointed)
+    peak_activations = max(phases.values())
+    # Step timeline: gradients are allocated during the backward pass. The loss's backward runs
+    # before any of them exists; at the top layer's backward only the output head's and that
+    # layer's gradients do. The optimizer's first step then allocates its state, and torch's
+    # per-tensor Adam (the default on CPU) about two temporaries of the largest weight.
     early_grads = (spec.vocab_size * spec.word_embed_dim + layer_parameters(spec)) \
         * run.gradient_bytes
     optimizer_temps = (2 * largest_parameter(spec) * run.optimizer_state_bytes
                        if run.optimizer == "adam" else 0.0)
-    step_peak = weights + max(peak_activations + early_grads, grads + state + optimizer_temps)
+    step_peak = weights + max(phases["output head"], phases["top layer"] + early_grads,
+                              grads + state + optimizer_temps)
     return MethodMemory(name, weights, grads, state, stored, peak_activations, step_peak,
                         checkpointed)
 
@@ -694,6 +705,9 @@ def largest_fitting(model, budget_bytes: float, run: RunSpec | None = None,
     together) whose total fits ``budget_bytes``."""
     spec = load_spec(model)
     run = run or RunSpec()
+    if isinstance(run.checkpoint_layers, int):  # a count for the preset: keep its fraction
+        run = dataclasses.replace(run, checkpoint_layers=run.checkpointed(spec.num_layers)
+                                  / spec.num_layers)
     result = {}
     for method in ("BP", "BP+ckpt", "MeZO"):
         def total(layers):
@@ -749,6 +763,7 @@ def plot_memory_vs_seq_len(model, path, run: RunSpec | None = None,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     spec = load_spec(model)
     run = run or RunSpec()
@@ -763,6 +778,10 @@ def plot_memory_vs_seq_len(model, path, run: RunSpec | None = None,
         axis.plot(seq_lens, mezo, "-s", color="tab:orange", label="MeZO")
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+        axis.xaxis.set_major_formatter(plain)
+        axis.yaxis.set_major_formatter(plain)
+        axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_ylabel("total memory [GiB]")
         axis.grid(True, which="both", alpha=0.3)
         ratio_axis = axis.twinx()

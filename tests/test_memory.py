@@ -187,6 +187,12 @@ def test_budget_search_is_monotone():
             previous[method] = fit.parameters
         assert fits["MeZO"].parameters >= fits["BP+ckpt"].parameters >= fits["BP"].parameters
     assert previous["MeZO"] > previous["BP"]
+    # a layer count for the preset becomes its fraction for smaller family members
+    counted = memory.largest_fitting("llama2-7b", 4 * memory.GIB,
+                                     dataclasses.replace(run, checkpoint_layers=16))
+    halved = memory.largest_fitting("llama2-7b", 4 * memory.GIB,
+                                    dataclasses.replace(run, checkpoint_layers=0.5))
+    assert counted["BP+ckpt"] == halved["BP+ckpt"]
 
 
 def test_family_member_of_the_preset_is_the_preset():
