@@ -68,7 +68,7 @@ def versions() -> str:
     return "; ".join(parts)
 
 
-def timings(fn, repeats: int, warmup: int = 1) -> np.ndarray:
+def timings(fn, repeats: int, warmup: int = 3) -> np.ndarray:
     for _ in range(warmup):
         fn()
     out = []
