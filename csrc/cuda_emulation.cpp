@@ -41,7 +41,8 @@ extern "C" int fastzo_emulate_pass(int64_t* table, int n_tensors, int storage, i
   if (kernel == nullptr) return 1;
   const PassConstants constants{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
                                 static_cast<uint32_t>(next_seed),
-                                static_cast<uint32_t>(next_seed >> 32), a, decay, b, a_next};
+                                static_cast<uint32_t>(next_seed >> 32), a, decay, b, a_next,
+                                /*multiple=*/1};
   gridDim.x = static_cast<unsigned>(blocks);
   blockDim.x = static_cast<unsigned>(threads);
   for (int block = 0; block < blocks; ++block) {
