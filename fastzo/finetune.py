@@ -868,6 +868,7 @@ def cli_main(argv=None) -> int:
         "threads": torch.get_num_threads(), "dtype": args.dtype, "max_length": args.max_length,
         "seed": args.seed, "accuracy_before": before[0], "eval_loss_before": before[1],
         "wall_clock_seconds": round(time.perf_counter() - wall_start, 2),
+        "load_average_1_5_15": _load_average(),  # other work on the machine inflates the timings
         "versions": _versions(), "argv": list(sys.argv[1:] if argv is None else argv),
     }
     for r in results:
@@ -881,6 +882,12 @@ def cli_main(argv=None) -> int:
         wrote += [f"{out_dir / m}/ (weights)" for m in methods]
     _say(args, "  wrote " + ", ".join(wrote))
     return 0
+
+
+def _load_average():
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
 
 
 def _versions():
