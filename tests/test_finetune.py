@@ -154,3 +154,41 @@ def test_default_model_and_data_few_steps(tmp_path):
                      "--eval-points", "1", "--no-download", "--no-save-model")
     assert metrics["task"] == "embedding" and metrics["params"] > 22_000_000
     assert metrics["accuracy_before"] > 0.55  # zero-shot from the class descriptions
+
+
+def save_local_model(folder, kind):
+    """A tiny model and a word-level tokenizer saved as a local Hugging Face folder."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "film", "was", "It", "terrible", "great", *GOOD, *BAD]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                cls_token="[CLS]", sep_token="[SEP]")
+    torch.manual_seed(0)
+    if kind == "causal":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=len(vocab), n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    else:
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(
+            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64, num_labels=2))
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind,task", [("causal", "prompt"), ("encoder", "classify")])
+def test_local_hugging_face_folder(tmp_path, kind, task):
+    folder = save_local_model(tmp_path / "model", kind)
+    data = write_data(tmp_path / "train.csv")
+    out, metrics = run(tmp_path, "--model", str(folder), "--data", str(data), "--steps", "3", "--bp-steps", "2",
+                       "--lr", "1e-3")
+    assert metrics["task"] == task
+    assert metrics["mezo"]["steps"] == 3 and metrics["bp"]["steps"] == 2
+    import transformers
+
+    reloaded = transformers.AutoModel.from_pretrained(out / "mezo")  # saved with save_pretrained
+    assert sum(p.numel() for p in reloaded.parameters()) > 0
