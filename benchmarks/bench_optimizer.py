@@ -1,8 +1,9 @@
 """Per-step overhead and extra peak memory of fastzo.MeZO against the reference MeZO step.
 
 Overhead = whole step minus the two closure calls (perturbation and update only). Extra peak
-memory = peak during steps minus peak after model creation and one forward, each method in a
-fresh process (peak RSS on CPU, torch.cuda.max_memory_allocated on GPU).
+memory = peak during steps minus the peak of one plain forward, each method in a fresh process
+after one warm-up step (resident high-water mark VmHWM on CPU, reset through
+/proc/self/clear_refs; torch.cuda.max_memory_allocated on GPU).
 
     python benchmarks/bench_optimizer.py                      # CPU: ~1e7 params, fp32 and bf16
     python benchmarks/bench_optimizer.py --device cuda --hidden 2048 --layers 16   # ~1e9 on a GPU
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -26,6 +28,24 @@ from fastzo.benchmark import DTYPES, Recorder, _sync, small_llama
 from fastzo.reference import ReferenceMeZO
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:  # Linux: writing 5 to clear_refs resets VmHWM, the resident high-water mark
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _peak(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def make_step(method, model, closure, backend):
@@ -55,15 +75,15 @@ def measure(method, hidden, layers, dtype, device, steps, backend, batch, seq):
         closure_time[0] += time.perf_counter() - start
         return loss
 
+    step = make_step(method, model, closure, backend)
+    step()  # warm up: code pages, thread pools and allocator caches are not per-step memory
+    # Baseline: the peak of a plain forward (its transient activations), so extra = what the
+    # step needs beyond the model and one forward.
+    _reset_peak(device)
     with torch.no_grad():
         closure()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.max_memory_allocated(device)
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step = make_step(method, model, closure, backend)
-    step()
+    base = _peak(device)
+    _reset_peak(device)
     totals, overheads = [], []
     for _ in range(steps):
         closure_time[0] = 0.0
@@ -73,8 +93,7 @@ def measure(method, hidden, layers, dtype, device, steps, backend, batch, seq):
         _sync(device)
         totals.append(time.perf_counter() - start)
         overheads.append(totals[-1] - closure_time[0])
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = _peak(device)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     return dict(n_params=n_params, totals=totals, overheads=overheads, extra_bytes=peak - base,
@@ -107,8 +126,11 @@ def main(argv=None):
             spec = dict(method=method, hidden=args.hidden, layers=args.layers, dtype=dtype,
                         device=args.device, steps=args.steps, backend=args.backend,
                         batch=args.batch, seq=args.seq)
+            # Small mmap threshold: freed temporaries return to the OS, so RSS follows live bytes.
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+            env.pop("TRITON_INTERPRET", None)
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True, check=True, env=env)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             n = r["n_params"]
             rec.add("optimizer_step", method, dtype, n, "step_time", "ms", np.array(r["totals"]) * 1e3)
