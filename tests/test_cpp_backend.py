@@ -102,7 +102,7 @@ def test_extension_checks_its_input():
 @needs_cpp
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("offset", [0, 5, 2**35 + 3])
+@pytest.mark.parametrize("offset", [0, 2**35 + 3])
 def test_noise_matches_the_oracle(distribution, n, offset):
     """Perturbing zeros by 1.0 stores z itself."""
     seed, key = 2**64 - 12345, 2**32 - 7
@@ -193,7 +193,7 @@ def test_16bit_stores_equal_the_torch_backend_bitwise(dtype, stochastic_rounding
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stochastic_rounding_equals_the_torch_backend(dtype, gen):
-    w = random_weights(278011, dtype, gen)
+    w = random_weights(100003, dtype, gen)
     ref = w.clone()
     args = dict(seed=31337, eps=EPS, lr=1e-4, projected_grad=0.3, keys=[5], offsets=[1000003],
                 distribution="rademacher", stochastic_rounding=True)
@@ -279,7 +279,7 @@ def test_result_does_not_depend_on_the_thread_count(distribution, dtype, gen):
 def test_round_trip(distribution, gen):
     """+eps, -2 eps, +eps returns float32 weights to within float32 rounding of the steps,
     exactly as the torch backend does for Rademacher z."""
-    w0 = random_weights(278011, torch.float32, gen)
+    w0 = random_weights(70001, torch.float32, gen)
     w, ref = w0.clone(), w0.clone()
     for scale in (EPS, -2 * EPS, EPS):
         fastzo.perturb_([w], 5, scale, distribution=distribution, backend="cpp")
