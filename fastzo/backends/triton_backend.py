@@ -67,6 +67,18 @@ if triton is not None:
         return _philox(c0, c1, c2, c3, k0, k1)
 
     @triton.jit
+    def _log_uniform24(x):
+        """ln u for u = (k + 0.5)·2**-24, k = x >> 8, accurate near u = 1.
+
+        For k ≥ 2**23, k + 0.5 needs 25 bits and float32 rounds u (to 1 at the top), so there
+        ln u = ln(k·2**-24) + ln(1 + 0.5/k) ≈ ln(k·2**-24) + 0.5/k, both terms exact enough.
+        """
+        k = (x >> 8).to(tl.float32)
+        direct = tl.log((k + 0.5) * 5.9604644775390625e-08)
+        near_one = tl.log(k * 5.9604644775390625e-08) + 0.5 / tl.maximum(k, 1.0)
+        return tl.where(k >= 8388608.0, near_one, direct)
+
+    @triton.jit
     def _uniform24(x):
         return ((x >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24
 
@@ -76,8 +88,8 @@ if triton is not None:
         if GAUSSIAN:
             group = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
             x0, x1, x2, x3 = _philox_groups(group, key, 0, k0, k1)
-            r_a = tl.sqrt(-2.0 * tl.log(_uniform24(x0)))
-            r_b = tl.sqrt(-2.0 * tl.log(_uniform24(x2)))
+            r_a = tl.sqrt(-2.0 * _log_uniform24(x0))
+            r_b = tl.sqrt(-2.0 * _log_uniform24(x2))
             a_a = 6.283185307179586 * _uniform24(x1)
             a_b = 6.283185307179586 * _uniform24(x3)
             z = tl.interleave(
