@@ -275,3 +275,18 @@ def test_noise_is_the_same_on_every_backend_for_rademacher(gen):
     for r in results[1:]:
         assert torch.equal(r, results[0])
     assert noise.STREAM_RADEMACHER == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gaussian_is_accurate_where_the_uniform_is_nearest_one(backend):
+    """k = x >> 8 close to 2**24: float32 cannot hold (k + 0.5)·2**-24, so a backend that forms
+    u in float32 returns z = 0 there. Find such elements with the oracle and check them."""
+    seed, groups = 3, torch.arange(0, 2**21, dtype=torch.int64)
+    words = fastzo.philox4x32_10(noise.counters_for(groups, 0, noise.STREAM_GAUSSIAN), noise.split_seed(seed))
+    hits = groups[(words[:, 0] >> 8) >= 2**24 - 64][:4].tolist()
+    assert hits, "no element near u = 1 in the scanned range"
+    for j in hits:
+        w = torch.zeros(4, device=DEVICE)
+        fastzo.perturb_([w], seed, 1.0, offsets=[4 * j], backend=backend)
+        want = oracle_z(4, seed, 0, "gaussian", offset=4 * j)
+        assert (w - want).abs().max() <= Z_TOL, (j, w, want)
