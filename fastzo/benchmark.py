@@ -96,13 +96,25 @@ def bench_ceiling(rec: Recorder, dtype_name: str, n: int, repeats: int):
     dtype = DTYPES[dtype_name]
     w = torch.randn(n, device=rec.device).to(dtype)
     bytes_moved = 2 * n * w.element_size()
-    t = time_call(lambda: w.add_(1e-3), rec.device, repeats)
-    rec.add("ceiling", "inplace_add", dtype_name, n, "time", "ms", t * 1e3)
-    rec.add("ceiling", "inplace_add", dtype_name, n, "bandwidth", "GB/s", bytes_moved / t / 1e9)
+    # A ceiling is an upper bound: take the best of many runs, so a busy moment on a shared
+    # machine does not make the passes look faster than memory.
+    # On CPUs the best of 1 thread and all threads: with a busy core, torch's intra-op threads
+    # can make a 1e6-element add_ 150x slower (8 ms against 0.05 ms, measured here).
     dst = torch.empty_like(w)
-    t = time_call(lambda: dst.copy_(w), rec.device, repeats)
-    rec.add("ceiling", "copy", dtype_name, n, "bandwidth", "GB/s", bytes_moved / t / 1e9)
-    return float(np.median(bytes_moved / t / 1e9))
+    threads = torch.get_num_threads()
+    best = float("inf")
+    for n_threads in sorted({1, threads}) if rec.device.type == "cpu" else [threads]:
+        torch.set_num_threads(n_threads)
+        try:
+            t_add = time_call(lambda: w.add_(1e-3), rec.device, 4 * repeats, warmup=3)
+            t_copy = time_call(lambda: dst.copy_(w), rec.device, 4 * repeats, warmup=3)
+        finally:
+            torch.set_num_threads(threads)
+        label = f"{n_threads}t" if rec.device.type == "cpu" else ""
+        rec.add("ceiling", f"inplace_add{label}", dtype_name, n, "bandwidth", "GB/s", bytes_moved / t_add / 1e9)
+        rec.add("ceiling", f"copy{label}", dtype_name, n, "bandwidth", "GB/s", bytes_moved / t_copy / 1e9)
+        best = min(best, t_add.min(), t_copy.min())
+    return float(bytes_moved / best / 1e9)
 
 
 def bench_pass(rec: Recorder, backend: str, dtype_name: str, n: int, distribution: str,
@@ -276,7 +288,7 @@ def run(args) -> int:
             for dist in args.distributions:
                 bw = bench_pass(rec, backend, dt, n, dist, args.repeats, ceiling)
                 summary.append((backend, dt, n, dist, bw["perturb"], bw["restore_and_update"], ceiling))
-    print(f"\nPasses on {device_name(device)} (GB/s of bytes read + written; ceiling = in-place add)")
+    print(f"\nPasses on {device_name(device)} (GB/s of bytes read + written; ceiling = best in-place add or copy)")
     print(f"{'backend':8} {'dtype':9} {'elements':>10} {'noise':10} {'perturb':>8} {'update':>8} {'ceiling':>8} {'share':>6}")
     for backend, dt, n, dist, p, u, c in summary:
         print(f"{backend:8} {dt:9} {n:>10.0e} {dist:10} {p:8.2f} {u:8.2f} {c:8.2f} {100 * p / c:5.0f}%")
