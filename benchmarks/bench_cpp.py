@@ -26,7 +26,6 @@ import argparse
 import csv
 import datetime
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,23 +37,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import fastzo  # noqa: E402
+from fastzo.benchmark import cpu_name  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "cpp_pass.csv"
 COLUMNS = ["benchmark", "backend", "dtype", "size", "metric", "unit", "median", "p20", "p80",
            "device", "versions", "timestamp"]
 EPS = 1e-3
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> str:

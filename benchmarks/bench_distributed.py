@@ -29,7 +29,6 @@ import csv
 import datetime
 import multiprocessing
 import os
-import platform
 import socket
 import sys
 import time
@@ -41,6 +40,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from fastzo.benchmark import cpu_name  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "distributed.csv"
 COLUMNS = ["benchmark", "backend", "dtype", "size", "metric", "unit", "median", "p20", "p80",
@@ -181,17 +182,6 @@ def run_world(world, args, tmp):
         if p.exitcode != 0:
             raise SystemExit(f"a rank of the {world}-rank run exited with {p.exitcode}")
     return torch.load(out_path, weights_only=False)
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions():
