@@ -92,13 +92,13 @@ def pretrain(model, chain, steps, batch, length, gen):
     return loss.item()
 
 
-def finetune(start_state, variant, lr, args, chain_b, eval_batch, rows):
+def finetune(start_state, variant, lr, seed, args, chain_b, eval_batch, rows):
     spec = VARIANTS[variant]
     model = build_model(args.vocab, args.width, args.layers, seed=0)
     model.load_state_dict(start_state)
     model = model.to(spec["dtype"])
     model.eval()
-    opt = fastzo.MeZO(model.parameters(), lr=lr, eps=args.eps, seed=1234, backend=args.backend,
+    opt = fastzo.MeZO(model.parameters(), lr=lr, eps=args.eps, seed=seed, backend=args.backend,
                       exact_perturbation=spec["exact_perturbation"],
                       stochastic_rounding=spec["stochastic_rounding"])
     data_gen = torch.Generator().manual_seed(99)  # the same batches for every variant
@@ -108,7 +108,7 @@ def finetune(start_state, variant, lr, args, chain_b, eval_batch, rows):
     t0 = time.perf_counter()
     with torch.no_grad():
         evaluation = lm_loss(model, eval_batch).item()
-    rows.append(dict(lr=lr, variant=variant, label=spec["label"], step=0, train_loss="",
+    rows.append(dict(lr=lr, seed=seed, variant=variant, label=spec["label"], step=0, train_loss="",
                      eval_loss=evaluation))
     window, grads = [], []
     for step in range(1, args.steps + 1):
@@ -122,9 +122,9 @@ def finetune(start_state, variant, lr, args, chain_b, eval_batch, rows):
             # a typical update lr·|g|·|z| in bf16 ulps at the weights' rms (0.8 = E|z|)
             update_ulps = lr * sorted(grads)[len(grads) // 2] * 0.8 / weight_ulp
             window, grads = [], []
-            rows.append(dict(lr=lr, variant=variant, label=spec["label"], step=step, train_loss=train,
-                             eval_loss=evaluation, median_update_ulps=update_ulps))
-            print(f"  {variant:7s} step {step:5d}: train {train:.4f}  eval {evaluation:.4f}  "
+            rows.append(dict(lr=lr, seed=seed, variant=variant, label=spec["label"], step=step,
+                             train_loss=train, eval_loss=evaluation, median_update_ulps=update_ulps))
+            print(f"  {variant:7s} seed {seed} step {step:5d}: train {train:.4f}  eval {evaluation:.4f}  "
                   f"median update {update_ulps:.2f} bf16 ulp  ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
     return evaluation
@@ -139,11 +139,17 @@ def plot(rows, lrs, path, title):
     fig, axes = plt.subplots(1, len(lrs), figsize=(6.5 * len(lrs), 4.5), squeeze=False)
     for ax, lr in zip(axes[0], lrs):
         for variant in VARIANTS:
-            pts = [(r["step"], r["eval_loss"]) for r in rows if r["variant"] == variant and r["lr"] == lr]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=VARIANTS[variant]["label"],
-                        linestyle="--" if variant == "fp32" else "-")
+            runs = {}
+            for r in rows:
+                if r["variant"] == variant and r["lr"] == lr:
+                    runs.setdefault(r["step"], []).append(r["eval_loss"])
+            if runs:
+                xs = sorted(runs)
+                mean = [sum(runs[x]) / len(runs[x]) for x in xs]
+                line, = ax.plot(xs, mean, label=VARIANTS[variant]["label"] + " (mean of seeds)",
+                                linestyle="--" if variant == "fp32" else "-")
+                ax.fill_between(xs, [min(runs[x]) for x in xs], [max(runs[x]) for x in xs],
+                                color=line.get_color(), alpha=0.12)
         ax.set_xlabel("MeZO step")
         ax.set_ylabel("held-out loss on language B")
         ax.set_title(f"lr {lr}", fontsize=10)
@@ -156,7 +162,7 @@ def plot(rows, lrs, path, title):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--pretrain-steps", type=int, default=400)
     parser.add_argument("--lrs", default="5e-4,1e-4", help="comma-separated learning rates")
     parser.add_argument("--eps", type=float, default=1e-3)
@@ -165,9 +171,10 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=32)
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--backend", default=None)
     parser.add_argument("--variants", default="fp32,plain,sr,exact,fastzo")
+    parser.add_argument("--seeds", default="1234,1235,1236", help="MeZO base seeds (same batches)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "lowprec_finetune"))
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -194,21 +201,28 @@ def main(argv=None):
     finals = {}
     lrs = [float(x) for x in args.lrs.split(",")]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    seeds = [int(x) for x in args.seeds.split(",")]
     title = (f"MeZO fine-tuning of a tiny Llama ({n_params} params) from the same backprop-trained "
-             f"start; eps {args.eps}, Gaussian z, same seeds and batches")
+             f"start; eps {args.eps}, Gaussian z, same batches; band: min-max over {len(seeds)} seeds")
     for lr in lrs:
         for variant in args.variants.split(","):
             print(f"MeZO {VARIANTS[variant]['label']}: lr {lr}, eps {args.eps}, {args.steps} steps")
-            finals[(lr, variant)] = finetune(start_state, variant, lr, args, chain_b, eval_batch, rows)
-            with open(args.out + ".csv", "w", newline="") as f:  # written as it goes
-                writer = csv.DictWriter(f, fieldnames=["lr", "variant", "label", "step", "train_loss",
-                                                       "eval_loss", "median_update_ulps"])
-                writer.writeheader()
-                writer.writerows(rows)
-            plot(rows, lrs, args.out + ".png", title)
-    print(f"held-out loss on B at the start {start_b:.4f}; final:")
-    for (lr, variant), x in finals.items():
-        print(f"  lr {lr:g} {VARIANTS[variant]['label']:45s} {x:.4f}")
+            for seed in seeds:
+                finals.setdefault((lr, variant), []).append(
+                    finetune(start_state, variant, lr, seed, args, chain_b, eval_batch, rows))
+                with open(args.out + ".csv", "w", newline="") as f:  # written as it goes
+                    writer = csv.DictWriter(f, fieldnames=["lr", "seed", "variant", "label", "step",
+                                                           "train_loss", "eval_loss",
+                                                           "median_update_ulps"])
+                    writer.writeheader()
+                    writer.writerows(rows)
+                plot(rows, lrs, args.out + ".png", title)
+    print(f"held-out loss on B at the start {start_b:.4f}; final (mean ± sd over seeds {seeds}):")
+    for (lr, variant), xs in finals.items():
+        mean = sum(xs) / len(xs)
+        sd = (sum((x - mean) ** 2 for x in xs) / max(1, len(xs) - 1)) ** 0.5
+        print(f"  lr {lr:g} {VARIANTS[variant]['label']:45s} {mean:.4f} ± {sd:.4f}  "
+              f"({', '.join(f'{x:.4f}' for x in xs)})")
     print(f"wrote {args.out}.csv and .png")
 
 
