@@ -10,7 +10,8 @@ For bfloat16 and float16 weights drawn from N(0, 0.02):
 2. updates: apply pure updates θ ← θ − lr·g·z with lr·g = 1 % of the storage ulp at the weights'
    rms (the size of a typical MeZO update, lr ≈ 1e-6, on N(0, 0.02) weights) and report the
    applied update projected on z against the intended one, for round to nearest and stochastic
-   rounding, plain and exact.
+   rounding, plain and exact (in exact mode the intended update of a weight at or above T is
+   scaled by r = q / grid spacing, docs/lowprec.md).
 
     python benchmarks/lowprec_drift.py            # 1e6 weights, 1000 cycles, backend "auto"
     python benchmarks/lowprec_drift.py --n 100000 --cycles 100 --backend torch
@@ -139,8 +140,13 @@ def run_updates(dtype, n, updates, backend, eps, rows):
             fastzo.restore_and_update_([w], seed, 0.0, step, 1.0, stochastic_rounding=sr, backend=be,
                                        exact_quanta=quanta)
             z = fastzo.zo_noise(n, seed, 0).double()
-            applied = (w.double() - before.double()) * z  # intended: -step * z, projected on z
-            ratios.append((applied.mean() / (-step * z.pow(2).mean())).item())
+            r = torch.ones_like(z)
+            if mode == "exact":
+                e = math.frexp(q)[1] - 1
+                r = noise.update_scale(before.view(torch.int16).long() & 0xFFFF, e,
+                                       noise.FORMATS16[dtype]).double()
+            applied = (w.double() - before.double()) * z  # intended: -step * r * z, projected on z
+            ratios.append((applied.mean() / (-step * (r * z.pow(2)).mean())).item())
         mean = sum(ratios) / len(ratios)
         sd = math.sqrt(sum((r - mean) ** 2 for r in ratios) / max(1, len(ratios) - 1))
         rounding = "SR" if sr else "RNE"

@@ -29,7 +29,7 @@ namespace fastzo {
 namespace contract {
 
 // Bumped whenever the kernels' semantics change; the Python side refuses a stale build.
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
 constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
@@ -447,13 +447,19 @@ FASTZO_HD uint32_t exact_perturbed(uint32_t h, float a_q, int32_t multiple, floa
   return step_on_grid(h, multiple * grid_steps(a_q, z), g);
 }
 
-// Restore by +k, update in float32, store on the grid; with kNext then + k' of the next seed.
+// Restore by +k, update in float32 (scaled by q / spacing), store on the grid; with kNext then
+// + k' of the next seed.
 // inf and NaN weights are kept as they are.
 template <class Format, bool kStochastic, bool kNext>
 FASTZO_HD uint32_t exact_restored_and_updated(uint32_t h, float a_q, float decay, float b, float z,
                                               float u, float a_next_q, float z_next, const Grid& g) {
   const uint32_t restored = step_on_grid(h, grid_steps(a_q, z), g);
-  const float y = sub_rn(mul_rn(Format::to_float(restored), decay), mul_rn(b, z));
+  // r = q / grid spacing at theta_0: 1 below T, 2^-(E - lq - 1) above (E the exponent field).
+  // It undoes the factor spacing/q by which the steps enlarge the perturbation above T.
+  const int32_t mag = static_cast<int32_t>(restored & 0x7FFFu);
+  const int32_t shift = min_i(max_i((mag >> g.mbits) - (g.lq + 1), 0), 126);
+  const float r = mag >= g.t_bits ? bits_float(static_cast<uint32_t>(127 - shift) << 23) : 1.0f;
+  const float y = sub_rn(mul_rn(Format::to_float(restored), decay), mul_rn(mul_rn(b, z), r));
   uint32_t out = round_to_grid<Format, kStochastic>(y, u, g);
   if (kNext) out = step_on_grid(out, grid_steps(a_next_q, z_next), g);
   return static_cast<int32_t>(h & 0x7FFFu) < g.inf_bits ? out : h;

@@ -299,3 +299,15 @@ def exact_steps(z: torch.Tensor, eps: float, exponent: int) -> torch.Tensor:
     """Integer steps k = round_half_even(fl32(a · z)), a = fl32(eps · 2**-exponent), as int64."""
     a = torch.tensor(eps, dtype=torch.float32) * torch.tensor(2.0**-exponent, dtype=torch.float32)
     return torch.round(a * z).long()
+
+
+def update_scale(bits: torch.Tensor, exponent: int, fmt: Format16) -> torch.Tensor:
+    """r = q / spacing of the grid at 16-bit patterns ``bits`` (float32): 1 below T, and
+    2**−min(E − lq − 1, 126) at or above T (E the exponent field). The exact restore-and-update
+    scales the update lr·g·z by r, undoing the factor s/q by which the integer steps enlarge the
+    perturbation of weights above T, so that the expected update is MeZO's."""
+    lq, t_bits = fmt.lq(exponent), fmt.threshold_bits(exponent)
+    mag = bits & 0x7FFF
+    shift = ((mag >> fmt.mbits) - (lq + 1)).clamp(0, 126)
+    ones = torch.ones(bits.shape, dtype=torch.float32, device=bits.device)
+    return torch.where(mag >= t_bits, torch.exp2(-shift.to(torch.float32)), ones)

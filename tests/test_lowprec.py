@@ -540,3 +540,27 @@ def test_sharded_bf16_parameters_equal_the_unsharded_run(tmp_path):
         assert results[r]["quanta"] == quanta
         for got, want in zip(results[r]["params"], params):
             assert same_bits(got, want.detach())
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+@pytest.mark.parametrize("dtype", HALF)
+def test_update_above_t_is_scaled_by_q_over_the_grid_spacing(backend, dtype):
+    """Above T the integer steps enlarge the perturbation by s/q (s the grid spacing), so the
+    estimate g is preconditioned by diag(s/q); the exact update divides by the same factor, so
+    the expected update of each weight is MeZO's lr·g·z."""
+    q = 2.0**-13
+    t_value = q * 2 ** noise.FORMATS16[dtype].mbits
+    n = 60000
+    value = torch.tensor([0.5 * t_value, 1.5 * t_value, 2.5 * t_value, 5.0 * t_value]).repeat_interleave(n // 4)
+    w = value.to(dtype).to(DEVICE)
+    fastzo.snap_to_grid_([w], [q])
+    start = w.clone()
+    lr = 3.0 * q  # with g = -1: moves of about 3 grid steps, rounded stochastically
+    fastzo.restore_and_update_([w], 11, 0.0, lr, -1.0, distribution="rademacher", backend=backend,
+                               exact_quanta=[q])
+    z = fastzo.zo_noise(n, 11, 0, distribution="rademacher").double()
+    moved = (w.double().cpu() - start.double().cpu()) * z / lr
+    for block, factor in enumerate([1, 1, 2, 4]):
+        mean = moved[block * n // 4:(block + 1) * n // 4].mean().item()
+        assert abs(mean * factor - 1) < 0.05, (block, mean)
+    assert on_grid(w, q).all()

@@ -144,7 +144,8 @@ def exact_restore_and_update_(tensors, keys, offsets, seed, eps, decay, step, di
             loaded = _bits_of(part)
             restored = _step_on_grid(loaded, noise.exact_steps(z, eps, exponent), exponent, fmt)
             theta = torch.where(restored >= 0x8000, restored - 0x10000, restored).to(torch.int16)
-            y = theta.view(tensor.dtype).float() * decay - step * z
+            scale = noise.update_scale(restored, exponent, fmt)  # q / grid spacing at θ₀
+            y = theta.view(tensor.dtype).float() * decay - (step * z) * scale
             rbits = None
             if stochastic_rounding:
                 rbits = noise.rounding_bits(part.numel(), seed, key, start, part.device)

@@ -254,7 +254,8 @@ if triton is not None:
 
         EXACT (16-bit, q = 2**exponent per tensor; N = grid index, k(s) = rne(s/q · z)):
         perturb:            θ ← N⁻¹(wrap(N(θ) + multiple·k(a)))
-        restore-and-update: θ ← grid_round(N⁻¹(wrap(N(θ) + k(a)))·decay − b·z)
+        restore-and-update: θ₀ = N⁻¹(wrap(N(θ) + k(a))), θ ← grid_round(θ₀·decay − (b·z)·r)
+                            with r = q / grid spacing at θ₀
         with NEXT, then N⁻¹(wrap(N(θ) + k'(a_next)))
         """
         IS_BF16: tl.constexpr = DTYPE == tl.bfloat16
@@ -291,7 +292,12 @@ if triton is not None:
                     if UPDATE:
                         loaded = bits
                         bits = _step_on_grid(bits, k, lq, t_bits, n_max, MBITS, INF_BITS)
-                        y = _to_f32(bits, IS_BF16) * decay - b * z
+                        # r = q / grid spacing at θ₀: 1 below T, 2**-(E - lq - 1) above
+                        mag = bits & 0x7FFF
+                        shift = tl.minimum(tl.maximum((mag >> MBITS) - (lq + 1), 0), 126)
+                        r = tl.where(mag >= t_bits, ((127 - shift) << 23).to(tl.float32, bitcast=True),
+                                     1.0)
+                        y = _to_f32(bits, IS_BF16) * decay - (b * z) * r
                         if STOCHASTIC:
                             rbits = _rounding_bits(start, key, k0, k1, BLOCK)
                         else:
