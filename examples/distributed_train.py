@@ -132,6 +132,7 @@ def main():
             torch.save({"model": state, "optim": opt.state_dict()}, args.checkpoint)
             print(f"saved {args.checkpoint}")
     if group is not None:
+        dist.barrier()  # let rank 0 finish saving: a rank tearing gloo down early can abort
         dist.destroy_process_group()
 
 
