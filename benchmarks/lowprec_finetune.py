@@ -9,15 +9,15 @@ moves it by about one ulp or less, as in the fine-tuning of large models), as:
 
 - float32                      (the reference)
 - bf16 plain                   exact_perturbation=False, stochastic_rounding=False
-- bf16 SR only                 exact_perturbation=False, stochastic_rounding=True
+- bf16 SR only                 exact_perturbation=False, stochastic_rounding=True (the defaults)
 - bf16 exact only              exact_perturbation=True,  stochastic_rounding=False
-- bf16 fastzo                  exact_perturbation=True,  stochastic_rounding=True (the defaults)
+- bf16 exact + SR              exact_perturbation=True,  stochastic_rounding=True
 
 Every run evaluates the loss on a fixed held-out batch of B (in its own dtype) along the way.
 Writes benchmarks/results/lowprec_finetune.csv and .png.
 
     python benchmarks/lowprec_finetune.py                      # defaults below
-    python benchmarks/lowprec_finetune.py --steps 500 --lrs 1e-3 --variants fp32,plain,fastzo
+    python benchmarks/lowprec_finetune.py --steps 500 --lrs 1e-3 --variants fp32,sr,exact_sr
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ VARIANTS = {
     "plain": dict(dtype=torch.bfloat16, exact_perturbation=False, stochastic_rounding=False,
                   label="bf16 plain (RNE perturbation, RNE update)"),
     "sr": dict(dtype=torch.bfloat16, exact_perturbation=False, stochastic_rounding=True,
-               label="bf16 SR only"),
+               label="bf16 SR only (the default)"),
     "exact": dict(dtype=torch.bfloat16, exact_perturbation=True, stochastic_rounding=False,
                   label="bf16 exact only"),
-    "fastzo": dict(dtype=torch.bfloat16, exact_perturbation=True, stochastic_rounding=True,
-                   label="bf16 fastzo (exact + SR)"),
+    "exact_sr": dict(dtype=torch.bfloat16, exact_perturbation=True, stochastic_rounding=True,
+                     label="bf16 exact + SR"),
 }
 
 
@@ -173,7 +173,7 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--backend", default=None)
-    parser.add_argument("--variants", default="fp32,plain,sr,exact,fastzo")
+    parser.add_argument("--variants", default="fp32,plain,sr,exact,exact_sr")
     parser.add_argument("--seeds", default="1234,1235,1236", help="MeZO base seeds (same batches)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "lowprec_finetune"))
     args = parser.parse_args(argv)
