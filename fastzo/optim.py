@@ -24,6 +24,9 @@ from . import distributed, noise, ops
 
 ESTIMATORS = ("central", "forward")
 NONFINITE_POLICIES = ("raise", "skip")
+# The options a checkpoint and a trajectory header carry, so a resumed or replayed run matches.
+_SAVED_OPTIONS = ("distribution", "num_directions", "estimator", "sign", "fused_steps",
+                  "stochastic_rounding", "exact_perturbation")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -451,13 +454,7 @@ class MeZO(torch.optim.Optimizer):
         state["mezo"] = {
             "step": self.step_count,
             "base_seed": self.base_seed,
-            "distribution": self.distribution,
-            "num_directions": self.num_directions,
-            "estimator": self.estimator,
-            "sign": self.sign,
-            "fused_steps": self.fused_steps,
-            "stochastic_rounding": self.stochastic_rounding,
-            "exact_perturbation": self.exact_perturbation,
+            **{name: getattr(self, name) for name in _SAVED_OPTIONS},
             "last_step": asdict(self.last_step) if self.last_step else None,
             "pending": asdict(self._pending) if self._pending else None,
         }
@@ -472,8 +469,7 @@ class MeZO(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.step_count = int(mezo["step"])
         self.base_seed = int(mezo["base_seed"])
-        for name in ("distribution", "num_directions", "estimator", "sign", "fused_steps",
-                     "stochastic_rounding", "exact_perturbation"):
+        for name in _SAVED_OPTIONS:
             setattr(self, name, mezo[name])
         last = mezo.get("last_step")
         self.last_step = StepRecord(**last) if last else None
@@ -486,13 +482,7 @@ class MeZO(torch.optim.Optimizer):
         return {
             "format": "fastzo-trajectory-1",
             "base_seed": self.base_seed,
-            "distribution": self.distribution,
-            "num_directions": self.num_directions,
-            "estimator": self.estimator,
-            "sign": self.sign,
-            "fused_steps": self.fused_steps,
-            "stochastic_rounding": self.stochastic_rounding,
-            "exact_perturbation": self.exact_perturbation,
+            **{name: getattr(self, name) for name in _SAVED_OPTIONS},
             "params_per_group": [len(g["params"]) for g in self.param_groups],
         }
 
