@@ -120,7 +120,7 @@ def local_view(p) -> tuple[torch.Tensor, int]:
     at global row r, so its offset is r × (elements per row); a replicated one at 0.
     """
     if not is_dtensor(p):
-        return p.data, 0
+        return p.detach(), 0  # shares the version counter, unlike .data
     check_placements(p)
     with torch.no_grad():
         local = p.to_local()
@@ -332,7 +332,7 @@ class Coordinator:
                 module.reshard()
 
     # ------------------------------------------------------------- split directions
-    def split_step(self, opt, closure):
+    def split_step(self, opt, closure, step):
         """q-SPSA with the q directions dealt round-robin to the ranks.
 
         Round j covers directions jW … jW+W−1; rank r evaluates direction jW+r (two forwards,
@@ -344,7 +344,7 @@ class Coordinator:
         from .optim import StepRecord
 
         t, q, world = opt.step_count, opt.num_directions, self.world
-        eps_list = opt._eps_list()
+        eps_list = step.eps
         seeds = [opt.seed_for(t, d) for d in range(q)]
         pairs: list[tuple[float, float] | None] = [None] * q
         central = opt.estimator == "central"
@@ -356,22 +356,18 @@ class Coordinator:
             values = []
             for d in range(first, min(first + world, q)):
                 own = d == mine
-                opt._applied = (seeds[d], 0.0)
-                opt._perturb(seeds[d], eps_list)
-                opt._applied = (seeds[d], 1.0)
+                opt._pass(seeds[d], 1, step)
                 if own:
                     values.append(opt._evaluate(closure))
                 if central:
-                    opt._perturb(seeds[d], [-2 * e for e in eps_list])
-                    opt._applied = (seeds[d], -1.0)
+                    opt._pass(seeds[d], -2, step)
                     if own:
                         values.append(opt._evaluate(closure))
-                    opt._perturb(seeds[d], eps_list)
+                    opt._pass(seeds[d], 1, step)
                 else:
                     if own:
                         values.append(base)
-                    opt._perturb(seeds[d], [-e for e in eps_list])
-                opt._applied = None
+                    opt._pass(seeds[d], -1, step)
             rows = self.exchange(opt, values, STATUS_OK if values else STATUS_IDLE)
             for d in range(first, min(first + world, q)):
                 row = rows[d - first]
