@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 # CPU build of torch: CI and laptops need no CUDA wheel of several GB.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast clean equal-memory
 
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,10 @@ clean:
 .PHONY: data
 data: setup
 	$(PY) -m fastzo.integrations.assets
+
+# The equal-memory benchmark behind the README's results: MeZO on all-mpnet-base-v2 against
+# backprop on all-MiniLM-L6-v2, two tasks, two seeds. Many hours on a 2-core CPU; it is
+# resumable: run it again to continue where it stopped (`--status` shows the progress).
+equal-memory: setup
+	$(PY) -m fastzo.integrations.assets all-mpnet-base-v2
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/equal_memory.py

@@ -26,6 +26,7 @@ def test_preset_parameter_counts_are_exact(preset):
 
 def _tiny_configs():
     transformers = pytest.importorskip("transformers")
+    import torch
     common_llama = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=172, vocab_size=101)
     return [
@@ -248,6 +249,7 @@ def test_cli_plot(tmp_path):
 def test_eager_stored_activations_match_autograd(family):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    import torch
     if family == "gpt2":
         config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=97,
                                          n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -279,3 +281,65 @@ def test_eager_stored_activations_match_autograd(family):
                          implementation="eager")
     predicted = memory.stored_activations(memory.spec_from_config(config), run, 0)
     assert predicted == pytest.approx(sum(saved.values()), rel=0.01)
+
+
+# ------------------------------------------------------------------------------------ encoders
+ENCODER_CONFIGS = {
+    "bert": dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                 vocab_size=301, max_position_embeddings=40, type_vocab_size=2),
+    "mpnet": dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                  vocab_size=301, max_position_embeddings=42, relative_attention_num_buckets=32),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(ENCODER_CONFIGS))
+def test_encoder_parameters_and_stored_activations_match_transformers(model_type, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+    config = transformers.AutoConfig.for_model(model_type, **ENCODER_CONFIGS[model_type])
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config).train()
+    spec = memory.encoder_spec_from_config(config.to_dict(), head_classes=3)
+    assert memory.encoder_parameters(spec) == sum(p.numel() for p in model.parameters())
+    assert memory.encoder_parameters(spec, head=True) == memory.encoder_parameters(spec) + 48 * 3 + 3
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    assert memory.is_encoder_config(str(tmp_path)) and not memory.is_encoder_config({"model_type": "llama"})
+
+    batch, seq = 3, 17
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(5, 300, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.sum()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured = sum(n for ptr, n in saved.items() if ptr not in weights)
+    predicted = memory.encoder_estimate(spec, memory.EncoderRun(batch, seq))["BP"].stored_activations
+    assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+
+
+def test_encoder_estimate_terms_and_cli(tmp_path, capsys):
+    spec = memory.EncoderSpec("enc", "bert", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                              vocab_size=1000, max_positions=64, type_vocab_size=2)
+    run = memory.EncoderRun(batch_size=4, seq_len=32, baseline=100 * 2**20)
+    est = memory.encoder_estimate(spec, run)
+    params = memory.encoder_parameters(spec, head=True)
+    assert est["MeZO"].weights == est["BP"].weights == 4 * params
+    assert est["BP"].optimizer_state == 8 * params and est["MeZO"].optimizer_state == 0
+    assert est["MeZO"].step_peak == run.baseline + 4 * params + memory.encoder_forward_working_set(spec, run)
+    assert est["BP"].step_peak > est["MeZO"].step_peak
+    longer = memory.encoder_estimate(spec, run, seq_len=64)
+    assert longer["BP"].stored_activations > 2 * est["BP"].stored_activations  # scores grow as s^2
+    with pytest.raises(ValueError, match="model_type must be one of"):
+        memory.EncoderSpec("x", "t5", 8, 1, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match="batch_size and seq_len must be positive"):
+        memory.EncoderRun(batch_size=0)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "bert", **ENCODER_CONFIGS["bert"]}))
+    assert memory.cli_main([str(config), "--batch", "4", "--seq-len", "32", "--weight-bytes", "4",
+                            "--act-bytes", "4", "--baseline", "100MiB"]) == 0
+    out = capsys.readouterr().out
+    assert "bert encoder" in out and "peak of a step (+baseline)" in out and "baseline 100 MiB" in out

@@ -26,10 +26,10 @@ snippets shipped with the vaderSentiment sdist. A held-out split (``--test-size`
 accuracy before and after.
 
 ``--method mezo|bp|both`` (default both): MeZO (fastzo.MeZO, forward passes only, model in eval
-mode) and backprop (Adam, model in train mode) start from the same weights and see the same
-batches. Reported: accuracy before/after, training wall-clock (evaluations excluded), seconds
-per step, MeZO's perturbation share of a step, and peak memory during training (process RSS on
-CPU, ``torch.cuda.max_memory_allocated`` on GPU). ``--output`` receives ``metrics.json``,
+mode) and backprop (AdamW, model in train mode) start from the same weights and see the same
+batches. Reported: accuracy before/after, training wall-clock and process CPU time (evaluations
+excluded), seconds per step, MeZO's perturbation share of a step, and peak memory of the
+training steps (process peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU). ``--output`` receives ``metrics.json``,
 ``finetune.png`` (loss and accuracy against wall-clock, both methods on one figure), and per
 method the fine-tuned weights; for MeZO also ``mezo_state.pt`` and ``trajectory.jsonl``
 (``fastzo.replay`` rebuilds the weights from the starting ones).
@@ -40,7 +40,8 @@ The package, by concern:
   (batch → class logits), ``resolve_model`` / ``build_model`` / ``select_trainable``;
 - ``data``: the built-in and local data sets, the held-out split, encoding and batches;
 - ``probe``: ``PeakMemory``, the peak-memory probe (VmHWM on CPU);
-- ``loop``: ``run_method`` (one method from the starting weights) and ``evaluate``;
+- ``loop``: ``Trainer`` (one method on one model: steps, clocks, peak memory, checkpoints),
+  ``run_method`` (the command's use of it) and ``evaluate``;
 - ``report``: the plot, load average and versions;
 - ``cli``: ``build_parser`` and ``cli_main``, the ``fastzo finetune`` command.
 
@@ -53,7 +54,7 @@ from __future__ import annotations
 from .cli import _say, build_parser, cli_main, main  # noqa: F401
 from .data import (BUILTIN_DATA, Dataset, collate, encode_all, load_data, split_data,
                    train_batches)
-from .loop import RunResult, _ema, _eval_steps, _resolved_backend, _sync, _tqdm, evaluate, run_method
+from .loop import RunResult, Trainer, _ema, _eval_steps, _resolved_backend, _sync, _tqdm, evaluate, run_method
 from .models import (DEFAULT_MODEL, DEFAULT_TEMPLATE, HEAD_NAMES, MINILM_ALIASES, NAMED_MODELS,
                      PRESETS,
                      SENTIMENT_DESCRIPTIONS, SENTIMENT_WORDS, ByteTokenizer, EmbeddingClassifier,
@@ -66,7 +67,7 @@ __all__ = [
     "BUILTIN_DATA", "DEFAULT_MODEL", "DEFAULT_TEMPLATE", "HEAD_NAMES", "MINILM_ALIASES", "NAMED_MODELS",
     "PRESETS",
     "SENTIMENT_DESCRIPTIONS", "SENTIMENT_WORDS", "ByteTokenizer", "Dataset", "EmbeddingClassifier",
-    "HFTokenizer", "ModelSpec", "PeakMemory", "RunResult", "Task", "build_model", "build_parser",
+    "HFTokenizer", "ModelSpec", "PeakMemory", "RunResult", "Task", "Trainer", "build_model", "build_parser",
     "cli_main", "collate", "encode_all", "evaluate", "label_token_ids", "load_data", "main", "plot",
     "resolve_model", "run_method", "save_weights", "select_trainable", "split_data", "train_batches",
 ]

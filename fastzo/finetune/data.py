@@ -13,6 +13,16 @@ import torch
 from .models import ModelSpec, label_token_ids
 
 BUILTIN_DATA = "movie-snippets"
+# Built-in data sets (fetched from PyPI on first use): name -> (snippet set, description, the
+# class descriptions an embedding head starts from).
+BUILTIN_SETS = {
+    "movie-snippets": ("movie", "movie-review snippets (Hutto & Gilbert 2014)",
+                       ["a negative, bad movie review", "a positive, good movie review"]),
+    "amazon-snippets": ("amazon", "Amazon product-review snippets (Hutto & Gilbert 2014)",
+                        ["a negative, bad product review", "a positive, good product review"]),
+    "tweet-snippets": ("tweets", "tweets (Hutto & Gilbert 2014)",
+                       ["a negative, sad tweet", "a positive, happy tweet"]),
+}
 
 # ------------------------------------------------------------------------------------ data
 @dataclass
@@ -21,17 +31,19 @@ class Dataset:
     texts: list[str]
     labels: list[int]
     label_names: list[str]
+    descriptions: list[str] | None = None  # one per class, for an embedding head (built-in sets)
 
 
 def load_data(spec: str, download: bool = True) -> Dataset:
-    if spec == BUILTIN_DATA:
+    if spec in BUILTIN_SETS:
         from ..integrations import assets
 
-        texts, labels = assets.load_movie_snippets(download=download)
-        return Dataset("movie-review snippets (Hutto & Gilbert 2014)", texts, labels, ["negative", "positive"])
+        which, name, descriptions = BUILTIN_SETS[spec]
+        texts, labels = assets.load_hutto(which, download=download)
+        return Dataset(name, texts, labels, ["negative", "positive"], descriptions)
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"--data {spec!r}: no such file (or use --data {BUILTIN_DATA})")
+        raise FileNotFoundError(f"--data {spec!r}: no such file (or use --data {', '.join(BUILTIN_SETS)})")
     rows = []
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         with open(path, encoding="utf-8") as f:

@@ -100,19 +100,122 @@ def _tqdm(quiet, **kwargs):
     return tqdm(disable=quiet, dynamic_ncols=True, file=sys.stderr, **kwargs)
 
 
+class Trainer:
+    """One method on one model: the training loop ``fastzo finetune`` and the benchmarks share.
+
+    ``method`` is "mezo" (fastzo.MeZO, forward passes only, model in eval mode) or "bp"
+    (AdamW, model in train mode). ``train(batches, n)`` runs ``n`` more steps and accumulates
+    wall-clock (``train_seconds``) and process CPU time of all threads (``cpu_seconds``), both
+    without evaluations, and the peak memory of the steps (``PeakMemory``: VmHWM on CPU, the
+    largest over all segments). ``state_dict`` / ``load_state_dict`` hold everything needed to
+    continue in another process: weights, optimizer, step, clocks and peak.
+    """
+
+    def __init__(self, method: str, task: Task, device: torch.device, *, lr: float, eps: float = 1e-3,
+                 weight_decay: float = 0.0, seed: int = 0, backend: str | None = None,
+                 distribution: str = "gaussian", fused_steps: bool = False, trajectory=None):
+        from .. import MeZO
+
+        if method not in ("mezo", "bp"):
+            raise ValueError(f"method must be 'mezo' or 'bp', got {method!r}")
+        self.method, self.task, self.device = method, task, device
+        self.params = [p for p in task.model.parameters() if p.requires_grad]
+        if method == "mezo":
+            self.opt = MeZO(self.params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, backend=backend,
+                            distribution=distribution, fused_steps=fused_steps, trajectory=trajectory)
+            task.model.eval()
+        else:
+            self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+            task.model.train()
+        self.step = 0
+        self.train_seconds = 0.0
+        self.cpu_seconds = 0.0
+        self.forward_seconds = 0.0
+        self.peak_mb: float | None = None
+        self.memory_kind: str | None = None
+        self.memory_at_start_mb: float | None = None
+        self.curve: list = []  # (train seconds, step, loss)
+
+    def _one_step(self, batch) -> float:
+        if self.method == "mezo":
+            forward = 0.0
+
+            def closure():
+                nonlocal forward
+                t0 = time.perf_counter()
+                value = self.task.loss(batch)
+                _sync(self.device)
+                forward += time.perf_counter() - t0
+                return value
+
+            loss = self.opt.step(closure)
+            self.forward_seconds += forward
+            return float(loss)
+        self.opt.zero_grad(set_to_none=True)
+        loss_t = self.task.loss(batch)
+        loss_t.backward()
+        self.opt.step()
+        return loss_t.item()
+
+    def train(self, batches, steps: int, on_step=None) -> None:
+        """``steps`` more steps on ``next(batches)``; ``on_step(trainer, loss)`` after each."""
+        with PeakMemory(self.device) as memory:
+            for _ in range(steps):
+                batch = next(batches)
+                _sync(self.device)
+                wall, cpu = time.perf_counter(), time.process_time()
+                loss = self._one_step(batch)
+                _sync(self.device)
+                self.train_seconds += time.perf_counter() - wall
+                self.cpu_seconds += time.process_time() - cpu
+                self.step += 1
+                self.curve.append((self.train_seconds, self.step, loss))
+                if on_step is not None:
+                    on_step(self, loss)
+        if memory.peak_mb is not None and (self.peak_mb is None or memory.peak_mb > self.peak_mb):
+            self.peak_mb = memory.peak_mb
+        self.memory_kind = memory.kind
+        if self.memory_at_start_mb is None:
+            self.memory_at_start_mb = memory.start_mb
+
+    def evaluate(self, encoded, labels, batch_size: int, pad_id: int, progress=None):
+        """(accuracy, mean loss) on a held-out split, at MeZO's clean weights."""
+        ctx = self.opt.clean_weights() if self.method == "mezo" else contextlib.nullcontext()
+        with ctx:
+            return evaluate(self.task, encoded, labels, batch_size, pad_id, self.device, progress=progress)
+
+    def finish(self) -> None:
+        """Clean weights for export (MeZO fused-steps mode holds a pending +εz between steps)."""
+        if self.method == "mezo":
+            self.opt.materialize()
+
+    _CLOCKS = ("step", "train_seconds", "cpu_seconds", "forward_seconds", "peak_mb", "memory_kind",
+               "memory_at_start_mb", "curve")
+
+    def state_dict(self) -> dict:
+        """Weights, optimizer, clocks, and torch's CPU generator (backprop's dropout draws from it)."""
+        return {"model": self.task.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "clocks": {name: getattr(self, name) for name in self._CLOCKS},
+                "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.task.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        for name, value in state["clocks"].items():
+            setattr(self, name, value)
+
+
 def run_method(method, spec, args, data, device, out_dir: Path, before) -> RunResult:
     """Train one method from the starting weights; evaluate on the held-out split."""
-    from .. import MeZO
-
     (train_ids, train_labels), (test_ids, test_labels) = data
     pad = spec.tokenizer.pad_id
     result = RunResult(method)
     model = build_model(spec).to(device=device, dtype=args.torch_dtype)
     select_trainable(model, args.trainable)
     task = Task(spec.task, model, label_token_ids(spec)[1] if spec.task == "prompt" else None)
-    params = [p for p in model.parameters() if p.requires_grad]
     steps = args.steps if method == "mezo" else args.bp_steps
-    evals_at = _eval_steps(steps, args.eval_points)
+    evals_at = sorted(_eval_steps(steps, args.eval_points))
     batches = train_batches(train_ids, train_labels, args.batch_size, args.seed, pad, device)
     result.evals.append((0.0, 0, before[0], before[1]))
     method_dir = out_dir / method
@@ -122,71 +225,50 @@ def run_method(method, spec, args, data, device, out_dir: Path, before) -> RunRe
         trajectory = method_dir / "trajectory.jsonl"
         if trajectory.exists():
             trajectory.unlink()
-        opt = MeZO(params, lr=args.lr, eps=args.eps, weight_decay=args.weight_decay, seed=args.seed,
-                   backend=args.backend, distribution=args.distribution, fused_steps=args.fused_steps,
-                   trajectory=trajectory)
+        trainer = Trainer("mezo", task, device, lr=args.lr, eps=args.eps, weight_decay=args.weight_decay,
+                          seed=args.seed, backend=args.backend, distribution=args.distribution,
+                          fused_steps=args.fused_steps, trajectory=trajectory)
         result.extra.update(lr=args.lr, eps=args.eps, distribution=args.distribution,
                             fused_steps=args.fused_steps, backend=_resolved_backend(args.backend, device))
-        model.eval()
     else:
-        opt = torch.optim.Adam(params, lr=args.bp_lr, weight_decay=args.weight_decay)
-        result.extra.update(lr=args.bp_lr, optimizer="Adam")
-        model.train()
+        trainer = Trainer("bp", task, device, lr=args.bp_lr, weight_decay=args.weight_decay)
+        result.extra.update(lr=args.bp_lr, optimizer="AdamW")
     result.extra["batch_size"] = args.batch_size
 
     label = "MeZO" if method == "mezo" else "backprop"
     bar = _tqdm(args.quiet, total=steps, desc=f"{label:>8}", unit="step")
     running = None
-    with PeakMemory(device) as memory:
-        for step in range(1, steps + 1):
-            batch = next(batches)
-            _sync(device)
-            start = time.perf_counter()
-            if method == "mezo":
-                forward = 0.0
 
-                def closure():
-                    nonlocal forward
-                    t0 = time.perf_counter()
-                    value = task.loss(batch)
-                    _sync(device)
-                    forward += time.perf_counter() - t0
-                    return value
+    def on_step(trainer, loss):
+        nonlocal running
+        running = loss if running is None else 0.95 * running + 0.05 * loss
+        bar.update(1)
+        if trainer.step % 10 == 0:
+            bar.set_postfix(loss=f"{running:.4f}", acc=f"{result.evals[-1][2]:.3f}")
 
-                loss = opt.step(closure)
-                result.forward_seconds += forward
-            else:
-                opt.zero_grad(set_to_none=True)
-                loss_t = task.loss(batch)
-                loss_t.backward()
-                opt.step()
-                loss = loss_t.item()
-            _sync(device)
-            result.train_seconds += time.perf_counter() - start
-            result.curve.append((result.train_seconds, step, float(loss)))
-            running = loss if running is None else 0.95 * running + 0.05 * loss
-            bar.update(1)
-            if step in evals_at:
-                ctx = opt.clean_weights() if method == "mezo" else contextlib.nullcontext()
-                with ctx:
-                    acc, eval_loss = evaluate(task, test_ids, test_labels, args.eval_batch_size, pad, device,
-                                              progress=_tqdm(args.quiet, total=len(test_ids), desc="    eval",
-                                                             unit="ex", leave=False))
-                result.evals.append((result.train_seconds, step, acc, eval_loss))
-                bar.set_postfix(loss=f"{running:.4f}", acc=f"{acc:.3f}")
-            elif step % 10 == 0:
-                bar.set_postfix(loss=f"{running:.4f}", acc=f"{result.evals[-1][2]:.3f}")
+    if not evals_at:
+        trainer.train(batches, 0)  # no steps: the peak is still measured
+    for at in evals_at:
+        trainer.train(batches, at - trainer.step, on_step)
+        acc, eval_loss = trainer.evaluate(test_ids, test_labels, args.eval_batch_size, pad,
+                                          progress=_tqdm(args.quiet, total=len(test_ids), desc="    eval",
+                                                         unit="ex", leave=False))
+        result.evals.append((trainer.train_seconds, trainer.step, acc, eval_loss))
+        bar.set_postfix(loss=f"{running:.4f}", acc=f"{acc:.3f}")
     bar.close()
     result.steps = steps
+    result.curve = trainer.curve
+    result.train_seconds, result.forward_seconds = trainer.train_seconds, trainer.forward_seconds
+    result.extra["train_cpu_seconds"] = round(trainer.cpu_seconds, 3)
     result.peak_memory_mb, result.memory_kind, result.memory_at_start_mb = (
-        memory.peak_mb, memory.kind, memory.start_mb)
+        trainer.peak_mb, trainer.memory_kind, trainer.memory_at_start_mb)
 
+    trainer.finish()
     if method == "mezo":
-        opt.materialize()
-        torch.save(opt.state_dict(), method_dir / "mezo_state.pt")
+        torch.save(trainer.opt.state_dict(), method_dir / "mezo_state.pt")
     if args.save_model:
         save_weights(model, method_dir)
-    del opt, model, task, params
+    del trainer, model, task
     _trim_process_memory()
     return result
 

@@ -167,7 +167,9 @@ class ModelSpec:
 
 
 def resolve_model(name: str, task: str, num_classes: int, label_words, template, seed,
-                  download: bool = True) -> ModelSpec:
+                  download: bool = True, descriptions: list[str] | None = None) -> ModelSpec:
+    """How to build the model ``name`` for ``task``; ``descriptions`` (one per class) start an
+    embedding head when ``label_words`` gives none (default: the movie-review sentiments)."""
     _quiet_transformers()
     from transformers import AutoConfig, AutoTokenizer
 
@@ -208,6 +210,8 @@ def resolve_model(name: str, task: str, num_classes: int, label_words, template,
             words = SENTIMENT_WORDS
         spec.label_words = words
     if kind == "embedding":
+        if words is None and descriptions is not None and len(descriptions) == num_classes:
+            words = list(descriptions)
         if words is None:
             if num_classes != 2:
                 raise ValueError("--task embedding with more than two classes needs --label-words "

@@ -25,7 +25,7 @@ def plot(results: list[RunResult], title: str, path: Path) -> bool:
         return False
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"mezo": "C0", "bp": "C3"}
-    names = {"mezo": "MeZO (fastzo)", "bp": "backprop (Adam)"}
+    names = {"mezo": "MeZO (fastzo)", "bp": "backprop (AdamW)"}
     for r in results:
         if not r.curve:
             continue

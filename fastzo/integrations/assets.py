@@ -48,6 +48,14 @@ VADER_SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b8370384
 INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
 SNIPPETS_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 SNIPPETS_FILE = "movieReviewSnippets_GroundTruth.txt"
+# The four sets of the same archive (id / mean rating / text): movie-review snippets (10,605),
+# Amazon product-review snippets (3,708), tweets (4,200), New York Times editorial snippets (5,190).
+HUTTO_SETS = {
+    "movie": "movieReviewSnippets_GroundTruth.txt",
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "tweets": "tweets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+}
 
 
 class AssetUnavailable(RuntimeError):
@@ -297,16 +305,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def snippets_path(download: bool = True) -> Path:
-    """The movie-review snippets file, extracted from the vaderSentiment sdist into the cache."""
-    target = cache_dir() / "hutto_ICWSM_2014" / SNIPPETS_FILE
+def hutto_path(which: str = "movie", download: bool = True) -> Path:
+    """One ground-truth file of the vaderSentiment sdist's archive, extracted into the cache."""
+    if which not in HUTTO_SETS:
+        raise ValueError(f"unknown snippet set {which!r}; choose from {', '.join(HUTTO_SETS)}")
+    filename = HUTTO_SETS[which]
+    target = cache_dir() / "hutto_ICWSM_2014" / filename
     if target.exists():
         return target
     sdist = cache_dir() / "downloads" / VADER_SDIST
     if not sdist.exists():
         if not download:
             raise AssetUnavailable(
-                f"the movie-review snippets are not cached in {target.parent}; run `make data` "
+                f"the {which} snippets are not cached in {target.parent}; run `make data` "
                 f"(it runs `pip download --no-deps --no-binary :all: {VADER_PACKAGE}=={VADER_VERSION}`)"
             )
         _pip_download([f"{VADER_PACKAGE}=={VADER_VERSION}", "--no-binary", ":all:"], sdist.parent)
@@ -316,7 +327,7 @@ def snippets_path(download: bool = True) -> Path:
         member = outer.getmember(f"vaderSentiment-{VADER_VERSION}/{INNER_ARCHIVE}")
         inner_bytes = outer.extractfile(member).read()
     with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
-        data = inner.extractfile(inner.getmember(SNIPPETS_MEMBER)).read()
+        data = inner.extractfile(inner.getmember(f"hutto_ICWSM_2014/{filename}")).read()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".part")
     tmp.write_bytes(data)
@@ -324,10 +335,24 @@ def snippets_path(download: bool = True) -> Path:
     return target
 
 
+def snippets_path(download: bool = True) -> Path:
+    """The movie-review snippets file, extracted from the vaderSentiment sdist into the cache."""
+    return hutto_path("movie", download=download)
+
+
+def load_hutto(which: str = "movie", download: bool = True) -> tuple[list[str], list[int]]:
+    """(texts, labels) of one snippet set: label = sign of the mean rating, zeros dropped.
+
+    Movie snippets: 10,568 of 10,605 kept (5,242 positive); Amazon: 3,610 of 3,708 (2,128
+    positive); tweets: 4,196 of 4,200 (2,897 positive).
+    """
+    path = hutto_path(which, download=download)
+    return parse_snippets(path.read_bytes().decode("utf-8"))
+
+
 def load_movie_snippets(download: bool = True) -> tuple[list[str], list[int]]:
     """(texts, labels) of the 10,568 movie-review snippets with a non-zero mean rating."""
-    path = snippets_path(download=download)
-    return parse_snippets(path.read_bytes().decode("utf-8"))
+    return load_hutto("movie", download=download)
 
 
 def fetch_all() -> dict[str, Path]:

@@ -1,0 +1,537 @@
+"""At equal memory: MeZO on a 4.8x larger pretrained model against backprop on the smaller one.
+
+    python benchmarks/equal_memory.py               # the whole grid: many hours on 2 cores; resumable
+    python benchmarks/equal_memory.py --status      # what is done, what is running, what is left
+    python benchmarks/equal_memory.py --report      # figure + summary from the CSV as it stands
+    python benchmarks/equal_memory.py --smoke       # the whole pipeline on tiny sizes (runs/, not results/)
+
+The claim of the on-device ZO paper (Katti, Park, Rajendran and Simeone 2025, Fig. 4): under a
+fixed memory budget MeZO can fine-tune a much larger model than backprop can, and given enough
+time the larger model fine-tuned with MeZO beats the smaller one fine-tuned with backprop. Here
+on real pretrained models that install offline from PyPI (``fastzo.integrations.assets``):
+
+- models: all-MiniLM-L6-v2 (22.7 M parameters) and all-mpnet-base-v2 (109.5 M, the same
+  sentence-transformers family), each with the embedding head of ``fastzo finetune``
+  (mean pooling, L2 norm, linear head x20 initialised from one description per class);
+- cells: {MiniLM, MPNet} x {backprop (AdamW), MeZO (fastzo.MeZO, fused-steps mode)}, plus on
+  MPNet MeZO with Rademacher instead of Gaussian z, and MeZO on bfloat16 weights (stochastic
+  rounding);
+- tasks: the movie-review snippets and the Amazon product-review snippets of Hutto & Gilbert
+  (2014), from the vaderSentiment sdist, binarised by the sign of the mean rating (zeros
+  dropped). Split once with a fixed seed: 2,000 held out (test), 500 validation, the rest train;
+- seeds: each cell with seeds 0 and 1 (batch order; MeZO's z); the split stays the same;
+- learning rates: per (task, model, method) the lr with the lowest *validation* loss after a
+  short run of each lr in a small grid (``LR_GRIDS``; seed 0); the test set is never used to
+  choose. Rademacher and bf16 MeZO reuse the float32 Gaussian lr (E[z^2] = 1 for both z).
+
+Every cell runs in a fresh process, through the same ``fastzo.finetune.Trainer`` that ``fastzo
+finetune`` uses (one loop, one memory probe): peak memory = the process's peak RSS (VmHWM) over
+the training steps, reset after the model is built (``PeakMemory``), so it includes the import
+baseline and the weights, the same way for every cell. Time = process CPU time of all threads
+and wall-clock of the training steps (evaluations excluded); idle OpenMP threads sleep
+(``OMP_WAIT_POLICY=PASSIVE`` unless set), so that on a shared machine a thread spinning for a
+descheduled partner does not count as training. The CSV gets one row per evaluation, written as
+it goes, with the git commit, backend, threads, CPU model and load average.
+
+Resumable: after each evaluation the cell saves a checkpoint (weights, optimizer, step, clocks,
+peak) into ``--work-dir``; a rerun skips the cells whose last row is in the CSV and continues an
+unfinished cell from its last checkpoint. Wall-clock of a cell that was paused (SIGSTOP) includes
+the pause; CPU time does not.
+
+Writes ``benchmarks/results/equal_memory.csv`` and ``.png`` (``--report`` redraws the figure and
+prints the summary: peak memory, accuracy, time to reach MiniLM backprop's best accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+try:
+    import fastzo  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}
+MODEL_LABELS = {"minilm": "MiniLM-L6 (22.7 M)", "mpnet": "MPNet-base (109.5 M)"}
+TASKS = {"movie": "movie-snippets", "amazon": "amazon-snippets"}
+TASK_LABELS = {"movie": "movie-review snippets", "amazon": "Amazon product-review snippets"}
+TEST_SIZE, VAL_SIZE, SPLIT_SEED = 2000, 500, 0
+BATCH, MAX_LENGTH, EVAL_BATCH, EPS = 16, 64, 32, 1e-3
+SEEDS = (0, 1)
+# Learning-rate grids and the length of the selection runs (steps), per (model, method).
+LR_GRIDS = {("minilm", "bp"): (1e-5, 3e-5, 1e-4), ("mpnet", "bp"): (1e-5, 3e-5),
+            ("minilm", "mezo"): (1e-5, 2e-5, 5e-5), ("mpnet", "mezo"): (1e-5, 2e-5, 5e-5)}
+LR_STEPS = {"bp": 100, "mezo": 100}
+# Steps of the main runs and where the held-out set is evaluated.
+MAIN_EVALS = {
+    ("minilm", "bp"): (0, 25, 50, 100, 150, 200, 300, 400, 500),
+    ("mpnet", "bp"): (0, 25, 50, 100, 200, 300),
+    ("minilm", "mezo"): (0, 100, 250, 500, 1000, 1500, 2000),
+    ("mpnet", "mezo"): (0, 125, 250, 500, 750, 1000, 1500, 2000),
+}
+
+FIELDS = ["time_utc", "git_commit", "phase", "cell", "task", "model", "method", "dtype", "distribution",
+          "seed", "lr", "eps", "batch_size", "max_length", "fused_steps", "step", "steps_total",
+          "train_cpu_s", "train_wall_s", "split", "n_eval", "accuracy", "accuracy_se", "eval_loss",
+          "train_loss_ema", "peak_rss_mib", "baseline_rss_mib", "memory_kind", "params", "backend", "threads", "omp_wait_policy", "cpu_model",
+          "load1", "load5", "load15"]
+
+
+@dataclass
+class Cell:
+    phase: str  # "lr" (selection run, validation split) or "main" (held-out test split)
+    task: str
+    model: str
+    method: str  # "mezo" or "bp"
+    seed: int
+    lr: float | None  # None: chosen from the "lr" rows of the CSV when the cell starts
+    evals: tuple
+    dtype: str = "float32"
+    distribution: str = "gaussian"
+
+    @property
+    def steps(self) -> int:
+        return self.evals[-1]
+
+    @property
+    def split(self) -> str:
+        return "validation" if self.phase == "lr" else "test"
+
+    @property
+    def name(self) -> str:
+        parts = [self.phase, self.task, self.model, self.method]
+        if self.method == "mezo":
+            parts += [self.dtype, self.distribution]
+        if self.phase == "lr":
+            parts.append(f"lr{self.lr:g}")
+        return "/".join(parts + [f"seed{self.seed}"])
+
+
+# ------------------------------------------------------------------------------------ the plan
+def plan(smoke: bool = False) -> list[Cell]:
+    """All cells, most informative first: movie seed 0 (MiniLM backprop, then MPNet MeZO
+    float32, Rademacher, bf16, MiniLM MeZO, MPNet backprop), then Amazon seed 0, then seed 1.
+    The lr-selection cells of a (task, model, method) come right before its first main cell."""
+    cells: list[Cell] = []
+    seen_lr = set()
+
+    def add_main(task, model, method, seed, **kw):
+        key = (task, model, method)
+        evals = MAIN_EVALS[(model, method)] if not smoke else SMOKE_EVALS[method]
+        if key not in seen_lr:
+            seen_lr.add(key)
+            steps = LR_STEPS[method] if not smoke else SMOKE_EVALS[method][-1]
+            for lr in LR_GRIDS[(model, method)][: (2 if smoke else None)]:
+                cells.append(Cell("lr", task, model, method, 0, lr, (0, steps)))
+        cells.append(Cell("main", task, model, method, seed, None, evals, **kw))
+
+    tasks = ["movie"] if smoke else list(TASKS)
+    seeds = (0,) if smoke else SEEDS
+    for seed in seeds:
+        for task in tasks:
+            add_main(task, "minilm", "bp", seed)
+            add_main(task, "mpnet", "mezo", seed)
+            add_main(task, "mpnet", "mezo", seed, distribution="rademacher")
+            add_main(task, "mpnet", "mezo", seed, dtype="bfloat16")
+            add_main(task, "minilm", "mezo", seed)
+            if not smoke:
+                add_main(task, "mpnet", "bp", seed)
+    return cells
+
+
+SMOKE_EVALS = {"bp": (0, 2, 4), "mezo": (0, 2, 4)}
+
+
+# ----------------------------------------------------------------------------------- the CSV
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in FIELDS})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def cell_done(rows: list[dict], cell: Cell) -> bool:
+    return any(r["cell"] == cell.name and int(r["step"]) == cell.steps for r in rows)
+
+
+def chosen_lr(rows: list[dict], task: str, model: str, method: str) -> float | None:
+    """The lr with the lowest validation loss at the end of its selection run (None: not yet)."""
+    grid = LR_GRIDS[(model, method)]
+    final = {}
+    for r in rows:
+        if r["phase"] == "lr" and (r["task"], r["model"], r["method"]) == (task, model, method):
+            if int(r["step"]) == int(r["steps_total"]):
+                final[float(r["lr"])] = float(r["eval_loss"])
+    if not final:
+        return None
+    usable = {lr: loss for lr, loss in final.items() if math.isfinite(loss)}
+    if not usable:
+        return min(grid)
+    return min(usable, key=lambda lr: (usable[lr], lr))
+
+
+# ------------------------------------------------------------------------------ environment
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------------------- one cell
+def load_task(task: str, smoke: bool):
+    """(spec-independent) train / validation / test texts and labels, split once."""
+    from fastzo.finetune import load_data, split_data
+
+    data = load_data(TASKS[task])
+    test_size = 64 if smoke else TEST_SIZE
+    val_size = 32 if smoke else VAL_SIZE
+    (train_texts, train_labels), test = split_data(data, test_size, SPLIT_SEED, None)
+    val = (train_texts[:val_size], train_labels[:val_size])
+    train = (train_texts[val_size:], train_labels[val_size:])
+    if smoke:
+        train = (train[0][:256], train[1][:256])
+    return data, train, val, test
+
+
+def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: int | None) -> None:
+    """Train and evaluate one cell in this process, continuing from its checkpoint if any."""
+    import torch
+
+    from fastzo.finetune import (DEFAULT_TEMPLATE, Task, Trainer, _resolved_backend, _rss_mb,
+                                 _trim_process_memory, build_model, encode_all, resolve_model, train_batches)
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    data, train, val, test = load_task(cell.task, smoke)
+    spec = resolve_model(MODELS[cell.model], "embedding", 2, None, DEFAULT_TEMPLATE, cell.seed,
+                         descriptions=data.descriptions)
+    train_ids = encode_all(spec, train[0], MAX_LENGTH)
+    eval_texts, eval_labels = val if cell.split == "validation" else test
+    eval_ids = encode_all(spec, eval_texts, MAX_LENGTH)
+    pad = spec.tokenizer.pad_id
+    _trim_process_memory()
+    baseline = _rss_mb("VmRSS")  # torch, transformers, tokenizer and data; no model yet
+    model = build_model(spec).to(dtype=getattr(torch, cell.dtype))
+    task = Task("embedding", model)
+    kwargs = dict(lr=cell.lr, weight_decay=0.0, seed=cell.seed)
+    if cell.method == "mezo":
+        kwargs.update(eps=EPS, distribution=cell.distribution, fused_steps=True)
+    trainer = Trainer(cell.method, task, device, **kwargs)
+    backend = _resolved_backend(None, device) if cell.method == "mezo" else "autograd"
+
+    ckpt = work_dir / (cell.name.replace("/", "__") + ".pt")
+    rows = [r for r in read_rows(csv_path) if r["cell"] == cell.name]
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        trainer.load_state_dict(state["trainer"])
+        pending_row = state["row"]
+        del state
+        if not any(int(r["step"]) == trainer.step for r in rows):
+            append_row(csv_path, pending_row)  # the checkpoint was saved, its row not yet written
+        print(f"[{cell.name}] continuing from step {trainer.step}", flush=True)
+    elif rows:
+        print(f"[{cell.name}] rows without a checkpoint: starting over (earlier rows stay in the CSV)",
+              flush=True)
+    batches = train_batches(train_ids, train[1], BATCH, cell.seed, pad, device)
+    for _ in range(trainer.step):  # the same batch sequence as an uninterrupted run
+        next(batches)
+
+    base = dict(git_commit=git_commit(), phase=cell.phase, cell=cell.name, task=cell.task, model=cell.model,
+                method=cell.method, dtype=cell.dtype, distribution=cell.distribution if cell.method == "mezo" else "",
+                seed=cell.seed, lr=cell.lr, eps=EPS if cell.method == "mezo" else "", batch_size=BATCH,
+                max_length=MAX_LENGTH, fused_steps=cell.method == "mezo", steps_total=cell.steps,
+                split=cell.split, n_eval=len(eval_ids), params=sum(p.numel() for p in model.parameters()),
+                backend=backend, threads=torch.get_num_threads(),
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""), cpu_model=cpu_model())
+    ema = None
+
+    def on_step(tr, loss):
+        nonlocal ema
+        ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+        if tr.step % 50 == 0:
+            print(f"[{cell.name}] step {tr.step}/{cell.steps} loss(ema) {ema:.4f} "
+                  f"cpu {tr.cpu_seconds:.0f} s wall {tr.train_seconds:.0f} s", flush=True)
+
+    for at in cell.evals:
+        if at < trainer.step or (at == trainer.step and any(int(r["step"]) == at for r in read_rows(csv_path)
+                                                            if r["cell"] == cell.name)):
+            continue
+        trainer.train(batches, at - trainer.step, on_step)
+        acc, loss = trainer.evaluate(eval_ids, eval_labels, EVAL_BATCH, pad)
+        load = os.getloadavg()
+        row = dict(base, time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), step=trainer.step,
+                   train_cpu_s=round(trainer.cpu_seconds, 2), train_wall_s=round(trainer.train_seconds, 2),
+                   accuracy=round(acc, 5), accuracy_se=round(math.sqrt(acc * (1 - acc) / len(eval_ids)), 5),
+                   eval_loss=round(loss, 5), train_loss_ema=round(ema, 5) if ema is not None else "",
+                   peak_rss_mib=round(trainer.peak_mb, 1) if trainer.peak_mb else "",
+                   baseline_rss_mib=round(baseline, 1) if baseline else "",
+                   memory_kind=trainer.memory_kind or "", load1=round(load[0], 2), load5=round(load[1], 2),
+                   load15=round(load[2], 2))
+        if at != cell.steps:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"trainer": trainer.state_dict(), "row": row}, tmp)
+            tmp.replace(ckpt)
+        append_row(csv_path, row)
+        print(f"[{cell.name}] step {trainer.step}: {cell.split} accuracy {100 * acc:.2f} % "
+              f"(loss {loss:.4f}), peak {row['peak_rss_mib']} MiB, cpu {row['train_cpu_s']} s", flush=True)
+    if ckpt.exists():
+        ckpt.unlink()  # done: the CSV holds the result
+
+
+# ------------------------------------------------------------------------------- the driver
+def drive(args) -> int:
+    csv_path = Path(args.csv)
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cells = plan(args.smoke)
+    failures = 0
+    for cell in cells:
+        rows = read_rows(csv_path)
+        if cell.phase == "main":
+            cell.lr = chosen_lr(rows, cell.task, cell.model, cell.method)
+            if cell.lr is None:
+                print(f"[{cell.name}] no lr chosen (its selection runs failed): skipped", flush=True)
+                continue
+        if cell_done(rows, cell):
+            continue
+        print(f"=== {cell.name} (lr {cell.lr:g}, {cell.steps} steps) {time.strftime('%H:%M:%S')}", flush=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--run-cell", json.dumps(dataclasses.asdict(cell)),
+               "--csv", str(csv_path), "--work-dir", str(work_dir)]
+        if args.smoke:
+            cmd.append("--smoke")
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        # Idle OpenMP threads sleep instead of spinning: on a shared machine a spinning thread
+        # whose partner is descheduled burns CPU time that would be counted as training time.
+        env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+        rc = subprocess.run(cmd, env=env).returncode
+        if rc != 0:
+            failures += 1
+            print(f"[{cell.name}] failed with exit code {rc}; continuing with the next cell", flush=True)
+    report(csv_path, Path(args.figure), smoke=args.smoke)
+    return 1 if failures else 0
+
+
+def status(args) -> int:
+    rows = read_rows(Path(args.csv))
+    work_dir = Path(args.work_dir)
+    for cell in plan(args.smoke):
+        if cell.phase == "main":
+            cell.lr = chosen_lr(rows, cell.task, cell.model, cell.method)
+        mine = [r for r in rows if r["cell"] == cell.name]
+        last = max((int(r["step"]) for r in mine), default=None)
+        ckpt = (work_dir / (cell.name.replace("/", "__") + ".pt")).exists()
+        state = ("done" if last == cell.steps else f"at step {last}" if last is not None else "to do")
+        lr = f"{cell.lr:g}" if cell.lr is not None else "?"
+        print(f"  {cell.name:<58} lr {lr:<7} {state}{' (checkpoint)' if ckpt else ''}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- the report
+COLORS = {("minilm", "bp"): "C3", ("minilm", "mezo"): "C1", ("mpnet", "bp"): "C4",
+          ("mpnet", "mezo", "float32", "gaussian"): "C0", ("mpnet", "mezo", "float32", "rademacher"): "C2",
+          ("mpnet", "mezo", "bfloat16", "gaussian"): "C9"}
+
+
+def _variant(r) -> tuple:
+    if r["method"] == "bp" or r["model"] == "minilm":
+        return (r["model"], r["method"])
+    return (r["model"], r["method"], r["dtype"], r["distribution"])
+
+
+def _label(variant) -> str:
+    model, method = variant[0], variant[1]
+    text = f"{MODEL_LABELS[model]}, {'backprop (AdamW)' if method == 'bp' else 'MeZO'}"
+    if len(variant) > 2:
+        text += {("float32", "gaussian"): "", ("float32", "rademacher"): " Rademacher",
+                 ("bfloat16", "gaussian"): " bf16"}[variant[2:]]
+    return text
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per (task, variant): seeds, peak, last and best accuracy, curves (for the figure/notes)."""
+    out: dict = {}
+    for r in rows:
+        if r["phase"] != "main":
+            continue
+        key = (r["task"], _variant(r))
+        entry = out.setdefault(key, {"curves": {}, "peaks": {}, "lr": r["lr"], "steps_total": int(r["steps_total"])})
+        curve = entry["curves"].setdefault(int(r["seed"]), [])
+        curve.append((int(r["step"]), float(r["train_cpu_s"]), float(r["train_wall_s"]), float(r["accuracy"]),
+                      float(r["accuracy_se"])))
+        if r["peak_rss_mib"]:
+            entry["peaks"][int(r["seed"])] = max(entry["peaks"].get(int(r["seed"]), 0.0), float(r["peak_rss_mib"]))
+    for entry in out.values():
+        for curve in entry["curves"].values():
+            curve.sort()
+    return out
+
+
+def time_to_reach(curve, target: float, axis: int = 1):
+    """First time (CPU s by default) at which the accuracy is >= target, else None."""
+    for point in curve:
+        if point[3] >= target - 1e-12:
+            return point[axis]
+    return None
+
+
+def report(csv_path: Path, figure: Path, smoke: bool = False) -> None:
+    rows = read_rows(csv_path)
+    if not rows:
+        print(f"no rows in {csv_path} yet")
+        return
+    table = summarize(rows)
+    tasks = [t for t in TASKS if any(k[0] == t for k in table)]
+    lines = []
+    for task in tasks:
+        small_bp = table.get((task, ("minilm", "bp")))
+        target = None
+        if small_bp:
+            target = max(p[3] for c in small_bp["curves"].values() for p in c)
+        lines.append(f"{TASK_LABELS[task]} (held-out {rows[0]['n_eval'] if smoke else TEST_SIZE}; "
+                     f"MiniLM backprop's best accuracy {100 * target:.2f} %)" if target is not None else
+                     f"{TASK_LABELS[task]}")
+        lines.append(f"  {'cell':<34}{'lr':>8}{'seeds':>6}{'peak MiB':>10}{'acc step 0':>11}{'last acc':>10}"
+                     f"{'best acc':>10}{'steps':>7}{'CPU s':>8}{'CPU s to BP best':>18}")
+        for variant in sorted((k[1] for k in table if k[0] == task), key=lambda v: list(COLORS).index(v)):
+            e = table[(task, variant)]
+            curves = e["curves"]
+            peaks = list(e["peaks"].values())
+            last = [c[-1] for c in curves.values()]
+            first = [c[0][3] for c in curves.values()]
+            best = [max(p[3] for p in c) for c in curves.values()]
+            reach = [time_to_reach(c, target) for c in curves.values()] if target is not None else []
+            reach_text = ", ".join("never" if t is None else f"{t:.0f}" for t in reach) or "-"
+            lines.append(
+                f"  {_label(variant):<34}{float(e['lr']):>8.0e}{len(curves):>6}"
+                f"{(sum(peaks) / len(peaks) if peaks else float('nan')):>10.0f}"
+                f"{100 * sum(first) / len(first):>10.2f}%{100 * sum(p[3] for p in last) / len(last):>9.2f}%"
+                f"{100 * sum(best) / len(best):>9.2f}%"
+                f"{'/'.join(str(p[0]) for p in last):>7}{'/'.join(f'{p[1]:.0f}' for p in last):>8}"
+                f"{reach_text:>18}")
+    text = "\n".join(lines)
+    print(text)
+    _plot(table, tasks, figure, rows)
+
+
+def _plot(table, tasks, figure: Path, rows) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(13, 4.6 * len(tasks)), squeeze=False)
+    for row_axes, task in zip(axes, tasks):
+        for col, (axis, xlabel) in enumerate([(1, "training time, process CPU seconds (all threads)"),
+                                              (2, "training time, wall-clock seconds")]):
+            ax = row_axes[col]
+            for variant in sorted((k[1] for k in table if k[0] == task), key=lambda v: list(COLORS).index(v)):
+                e = table[(task, variant)]
+                peaks = list(e["peaks"].values())
+                peak = f"{sum(peaks) / len(peaks):,.0f} MiB" if peaks else "?"
+                color = COLORS[variant]
+                for i, (seed, curve) in enumerate(sorted(e["curves"].items())):
+                    xs = [p[axis] for p in curve]
+                    ys = [100 * p[3] for p in curve]
+                    se = [100 * p[4] for p in curve]
+                    style = "-" if variant[1] == "mezo" else "--"
+                    ax.plot(xs, ys, style, marker="o", ms=3, color=color, alpha=1.0 if i == 0 else 0.55,
+                            label=f"{_label(variant)}, peak {peak}" if i == 0 else None)
+                    ax.fill_between(xs, [y - s for y, s in zip(ys, se)], [y + s for y, s in zip(ys, se)],
+                                    color=color, alpha=0.08)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("held-out accuracy (%)")
+            ax.set_title(f"{TASK_LABELS[task]}", fontsize=10)
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.legend(fontsize=7.5, loc="lower right", title="measured peak RSS (VmHWM)", title_fontsize=7.5)
+    commits = sorted({r["git_commit"] for r in rows})
+    loads = [float(r["load1"]) for r in rows if r["load1"]]
+    fig.suptitle(f"Accuracy against training time at equal memory; {rows[0]['cpu_model']}, "
+                 f"{rows[0]['threads']} threads, load average 1-min {min(loads):.1f}-{max(loads):.1f}; "
+                 f"commit {', '.join(commits)}; seeds as lines (seed 0 opaque), shaded ±1 s.e.",
+                 fontsize=8.5)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110)
+    plt.close(fig)
+    print(f"wrote {figure}")
+
+
+# --------------------------------------------------------------------------------- the CLI
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--csv", default=None, help="results CSV (default benchmarks/results/equal_memory.csv)")
+    p.add_argument("--figure", default=None, help="figure (default: the CSV's name with .png)")
+    p.add_argument("--work-dir", default=None,
+                   help="checkpoints of unfinished cells (default runs/equal_memory, or runs/equal_memory_smoke)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, separate CSV: checks the pipeline")
+    p.add_argument("--status", action="store_true", help="print the plan and what is done")
+    p.add_argument("--report", action="store_true", help="redraw the figure and print the summary")
+    p.add_argument("--run-cell", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    stem = "equal_memory_smoke" if args.smoke else "equal_memory"
+    # A smoke run's results are not results: they go to runs/ (ignored by git), not to results/.
+    args.csv = args.csv or str((ROOT / "runs" / "equal_memory_smoke.csv") if args.smoke else RESULTS / f"{stem}.csv")
+    args.figure = args.figure or str(Path(args.csv).with_suffix(".png"))
+    args.work_dir = args.work_dir or str(ROOT / "runs" / stem)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.run_cell:
+        cell = Cell(**{**json.loads(args.run_cell)})
+        cell.evals = tuple(cell.evals)
+        run_cell(cell, Path(args.csv), Path(args.work_dir), args.smoke, args.threads)
+        return 0
+    if args.status:
+        return status(args)
+    if args.report:
+        report(Path(args.csv), Path(args.figure), smoke=args.smoke)
+        return 0
+    return drive(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
