@@ -261,10 +261,14 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
     trainer = Trainer(cell.method, task, device, **kwargs)
     backend = _resolved_backend(None, device) if cell.method == "mezo" else "autograd"
 
+    work_dir.mkdir(parents=True, exist_ok=True)
     ckpt = work_dir / (cell.name.replace("/", "__") + ".pt")
     rows = [r for r in read_rows(csv_path) if r["cell"] == cell.name]
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
+        if state["row"]["lr"] != cell.lr:
+            raise SystemExit(f"[{cell.name}] the checkpoint {ckpt} was trained with lr {state['row']['lr']}, "
+                             f"this cell has lr {cell.lr}: delete it to start the cell over")
         trainer.load_state_dict(state["trainer"])
         pending_row = state["row"]
         del state
