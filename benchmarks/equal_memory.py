@@ -324,6 +324,36 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
         ckpt.unlink()  # done: the CSV holds the result
 
 
+def probe_runtime(threads: int | None = None) -> dict:
+    """In this (fresh) process: the RSS a cell holds before its model (imports, tokenizer, data),
+    and what the compute libraries add once a model has run forward, backward and MeZO steps,
+    measured with a 2-layer toy encoder (hidden 32) whose own bytes are negligible. Both enter
+    the memory model's prediction as the process baseline."""
+    import torch
+
+    from fastzo.finetune import (DEFAULT_TEMPLATE, Task, Trainer, _rss_mb, _trim_process_memory, build_model,
+                                 encode_all, load_data, resolve_model, train_batches)
+
+    if threads:
+        torch.set_num_threads(threads)
+    data = load_data(TASKS["movie"])
+    spec = resolve_model(MODELS["minilm"], "embedding", 2, None, DEFAULT_TEMPLATE, 0, descriptions=data.descriptions)
+    ids = encode_all(spec, data.texts[:512], MAX_LENGTH)
+    _trim_process_memory()
+    before = _rss_mb("VmRSS")
+    toy = resolve_model("tiny-bert", "embedding", 2, None, DEFAULT_TEMPLATE, 0, descriptions=data.descriptions)
+    toy_ids = [[min(i, toy.tokenizer.vocab_size - 1) for i in seq] for seq in ids]
+    for method in ("bp", "mezo"):
+        model = build_model(toy)
+        trainer = Trainer(method, Task("embedding", model), torch.device("cpu"), lr=1e-5)
+        batches = train_batches(toy_ids, data.labels[:512], BATCH, 0, toy.tokenizer.pad_id, torch.device("cpu"))
+        trainer.train(batches, 3)
+        del trainer, model
+    _trim_process_memory()
+    after = _rss_mb("VmRSS")
+    return {"baseline_mib": round(before, 1), "runtime_mib": round(after - before, 1)}
+
+
 # ------------------------------------------------------------------------------- the driver
 def drive(args) -> int:
     csv_path = Path(args.csv)
@@ -354,7 +384,7 @@ def drive(args) -> int:
         if rc != 0:
             failures += 1
             print(f"[{cell.name}] failed with exit code {rc}; continuing with the next cell", flush=True)
-    report(csv_path, Path(args.figure), smoke=args.smoke)
+    report(csv_path, Path(args.figure), smoke=args.smoke, markdown=Path(args.figure).with_suffix(".md"))
     return 1 if failures else 0
 
 
@@ -395,18 +425,22 @@ def _label(variant) -> str:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per (task, variant): seeds, peak, last and best accuracy, curves (for the figure/notes)."""
+    """Per (task, variant): curves per seed, peaks and baselines per seed, lr, steps planned."""
     out: dict = {}
     for r in rows:
         if r["phase"] != "main":
             continue
         key = (r["task"], _variant(r))
-        entry = out.setdefault(key, {"curves": {}, "peaks": {}, "lr": r["lr"], "steps_total": int(r["steps_total"])})
-        curve = entry["curves"].setdefault(int(r["seed"]), [])
+        entry = out.setdefault(key, {"curves": {}, "peaks": {}, "baselines": {}, "lr": r["lr"],
+                                     "steps_total": int(r["steps_total"])})
+        seed = int(r["seed"])
+        curve = entry["curves"].setdefault(seed, [])
         curve.append((int(r["step"]), float(r["train_cpu_s"]), float(r["train_wall_s"]), float(r["accuracy"]),
                       float(r["accuracy_se"])))
-        if r["peak_rss_mib"]:
-            entry["peaks"][int(r["seed"])] = max(entry["peaks"].get(int(r["seed"]), 0.0), float(r["peak_rss_mib"]))
+        if r["peak_rss_mib"] and int(r["step"]) > 0:  # a step-0 row has no training step yet
+            entry["peaks"][seed] = max(entry["peaks"].get(seed, 0.0), float(r["peak_rss_mib"]))
+        if r.get("baseline_rss_mib"):
+            entry["baselines"][seed] = float(r["baseline_rss_mib"])
     for entry in out.values():
         for curve in entry["curves"].values():
             curve.sort()
@@ -421,43 +455,168 @@ def time_to_reach(curve, target: float, axis: int = 1):
     return None
 
 
-def report(csv_path: Path, figure: Path, smoke: bool = False) -> None:
+def _mean_se(values):
+    values = list(values)
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var / len(values))
+
+
+def _pct(mean, se=None):
+    return f"{100 * mean:.2f}" + (f" ± {100 * se:.2f}" if se is not None else "")
+
+
+def predicted_peak_mib(model: str, method: str, dtype: str, baseline_mib: float) -> float | None:
+    """``fastzo.memory``'s encoder model for a cell: batch 16, length 64 (the longest a batch can
+    be), weights and activations in the cell's dtype, plus the cell's measured import baseline."""
+    from fastzo import memory
+    from fastzo.integrations import assets
+
+    try:
+        folder = assets.named_model_path(MODELS[model], download=False)
+    except (assets.AssetUnavailable, KeyError):
+        return None
+    width = 2.0 if dtype == "bfloat16" else 4.0
+    run = memory.EncoderRun(batch_size=BATCH, seq_len=MAX_LENGTH, weight_bytes=width, act_bytes=width,
+                            baseline=baseline_mib * 2**20)
+    est = memory.encoder_estimate(memory.encoder_spec_from_config(folder), run)
+    return est["BP" if method == "bp" else "MeZO"].step_peak / 2**20
+
+
+def _runtime_mib(threads: int | None = None) -> float:
+    values = []
+    for _ in range(3):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-runtime"]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if out.returncode == 0:
+            values.append(json.loads(out.stdout.strip().splitlines()[-1])["runtime_mib"])
+    return sorted(values)[len(values) // 2] if values else 0.0
+
+
+def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | None = None,
+           threads: int | None = None) -> str:
     rows = read_rows(csv_path)
     if not rows:
         print(f"no rows in {csv_path} yet")
-        return
+        return ""
     table = summarize(rows)
     tasks = [t for t in TASKS if any(k[0] == t for k in table)]
+    order = list(COLORS)
     lines = []
     for task in tasks:
         small_bp = table.get((task, ("minilm", "bp")))
         target = None
         if small_bp:
             target = max(p[3] for c in small_bp["curves"].values() for p in c)
-        lines.append(f"{TASK_LABELS[task]} (held-out {rows[0]['n_eval'] if smoke else TEST_SIZE}; "
-                     f"MiniLM backprop's best accuracy {100 * target:.2f} %)" if target is not None else
-                     f"{TASK_LABELS[task]}")
-        lines.append(f"  {'cell':<34}{'lr':>8}{'seeds':>6}{'peak MiB':>10}{'acc step 0':>11}{'last acc':>10}"
-                     f"{'best acc':>10}{'steps':>7}{'CPU s':>8}{'CPU s to BP best':>18}")
-        for variant in sorted((k[1] for k in table if k[0] == task), key=lambda v: list(COLORS).index(v)):
+        n_eval = next(r["n_eval"] for r in rows if r["task"] == task and r["phase"] == "main")
+        head = f"### {TASK_LABELS[task]} ({n_eval} held out)"
+        if target is not None:
+            head += f": MiniLM backprop's best held-out accuracy {100 * target:.2f} % (the target below)"
+        lines += [head, "",
+                  "| cell | lr | seeds | steps done / planned | CPU s (train) | peak RSS MiB | accuracy at step 0 "
+                  "| last accuracy | best accuracy | CPU s to reach the target |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for variant in sorted((k[1] for k in table if k[0] == task), key=order.index):
             e = table[(task, variant)]
             curves = e["curves"]
             peaks = list(e["peaks"].values())
-            last = [c[-1] for c in curves.values()]
-            first = [c[0][3] for c in curves.values()]
-            best = [max(p[3] for p in c) for c in curves.values()]
-            reach = [time_to_reach(c, target) for c in curves.values()] if target is not None else []
-            reach_text = ", ".join("never" if t is None else f"{t:.0f}" for t in reach) or "-"
-            lines.append(
-                f"  {_label(variant):<34}{float(e['lr']):>8.0e}{len(curves):>6}"
-                f"{(sum(peaks) / len(peaks) if peaks else float('nan')):>10.0f}"
-                f"{100 * sum(first) / len(first):>10.2f}%{100 * sum(p[3] for p in last) / len(last):>9.2f}%"
-                f"{100 * sum(best) / len(best):>9.2f}%"
-                f"{'/'.join(str(p[0]) for p in last):>7}{'/'.join(f'{p[1]:.0f}' for p in last):>8}"
-                f"{reach_text:>18}")
+            seeds = sorted(curves)
+            first = _mean_se(curves[sd][0][3] for sd in seeds)
+            last = _mean_se(curves[sd][-1][3] for sd in seeds)
+            best = _mean_se(max(p[3] for p in curves[sd]) for sd in seeds)
+            reach = [time_to_reach(curves[sd], target) for sd in seeds] if target is not None else []
+            reach_text = ", ".join("not reached" if t is None else f"{t:,.0f}" for t in reach) or "–"
+            done = " / ".join(f"{curves[sd][-1][0]}" for sd in seeds) + f" / {e['steps_total']}"
+            cpu = " / ".join(f"{curves[sd][-1][1]:,.0f}" for sd in seeds)
+            peak = " / ".join(f"{e['peaks'][sd]:,.0f}" for sd in seeds if sd in e["peaks"]) or "–"
+            lines.append(f"| {_label(variant)} | {float(e['lr']):.0e} | {', '.join(map(str, seeds))} | {done} | {cpu} "
+                         f"| {peak} | {_pct(*first)} | {_pct(*last)} | {_pct(*best)} | {reach_text} |")
+        lines.append("")
+        if target is not None:
+            gap = []
+            for variant in sorted((k[1] for k in table if k[0] == task), key=order.index):
+                if variant == ("minilm", "bp"):
+                    continue
+                best = max(p[3] for c in table[(task, variant)]["curves"].values() for p in c)
+                gap.append(f"{_label(variant)}: best {100 * best:.2f} % ({100 * (best - target):+.2f} points)")
+            lines += ["Against the target: " + "; ".join(gap) + ".", ""]
+
+    # Memory: measured peak against fastzo.memory's prediction. The process baseline is measured:
+    # per cell before its model (imports, tokenizer, data), plus the compute libraries' share
+    # measured with a toy model in fresh processes (the median of three).
+    runtime = _runtime_mib(threads)
+    lines += ["### Peak memory: measured against predicted (`fastzo.memory.encoder_estimate`)", "",
+              f"Predicted = the cell's measured RSS before its model (imports, tokenizer, data) + {runtime:.0f} MiB "
+              "that the compute libraries add once a model has run (measured with a 2-layer toy encoder in fresh "
+              "processes, median of three) + the model's terms at batch 16 and length 64 (the longest a batch "
+              "can be). Measured = the peak RSS (VmHWM) over a cell's training steps.", "",
+              "| cell | measured peak RSS MiB | baseline + libraries MiB | predicted MiB | error |",
+              "|---|---|---|---|---|"]
+    for variant in order:
+        entries = [table[(t, variant)] for t in tasks if (t, variant) in table and table[(t, variant)]["peaks"]]
+        if not entries:
+            continue
+        peaks = [v for e in entries for v in e["peaks"].values()]
+        bases = [v for e in entries for v in e["baselines"].values()]
+        measured = sum(peaks) / len(peaks)
+        base = sum(bases) / len(bases) if bases else 0.0
+        dtype = variant[2] if len(variant) > 2 else "float32"
+        predicted = predicted_peak_mib(variant[0], variant[1], dtype, base + runtime)
+        err = f"{100 * (predicted - measured) / measured:+.1f} %" if predicted else "–"
+        pred = f"{predicted:,.0f}" if predicted else "–"
+        lines.append(f"| {_label(variant)} | {measured:,.0f} (n={len(peaks)}) | {base:,.0f} + {runtime:.0f} | {pred} "
+                     f"| {err} |")
+    lines.append("")
+
+    # Gaussian against Rademacher on MPNet: accuracy gained per CPU-second and CPU-seconds per step.
+    for task in tasks:
+        pair = [table.get((task, ("mpnet", "mezo", "float32", d))) for d in ("gaussian", "rademacher")]
+        if not all(pair):
+            continue
+        lines.append(f"Gaussian against Rademacher z on MPNet, {TASK_LABELS[task]}:")
+        for name, e in zip(("Gaussian", "Rademacher"), pair):
+            parts = []
+            for sd, c in sorted(e["curves"].items()):
+                if c[-1][0] == 0:
+                    continue
+                gain = c[-1][3] - c[0][3]
+                parts.append(f"seed {sd}: {c[-1][0]} steps, {c[-1][1] / c[-1][0]:.2f} CPU s/step, "
+                             f"accuracy {100 * c[0][3]:.2f} -> {100 * c[-1][3]:.2f} % "
+                             f"({100 * gain / c[-1][1] * 1000:+.3f} points per 1,000 CPU s)")
+            lines.append(f"- {name}: " + ("; ".join(parts) or "no steps yet"))
+        lines.append("")
+
+    # The learning rates chosen on the validation split.
+    lines += ["Learning rates chosen on the 500-example validation split (final validation loss per lr):", ""]
+    for task in TASKS:
+        for model in MODELS:
+            for method in ("bp", "mezo"):
+                finals = sorted((float(r["lr"]), float(r["eval_loss"]), float(r["accuracy"])) for r in rows
+                                if r["phase"] == "lr" and (r["task"], r["model"], r["method"]) == (task, model, method)
+                                and int(r["step"]) == int(r["steps_total"]))
+                if finals:
+                    chosen = chosen_lr(rows, task, model, method)
+                    lines.append(f"- {task}, {MODEL_LABELS[model]}, {method}: " + ", ".join(
+                        f"{lr:g}: {loss:.4f} ({100 * acc:.1f} %)" for lr, loss, acc in finals)
+                        + f" -> {chosen:g}")
+    loads = [float(r["load1"]) for r in rows if r["load1"]]
+    lines += ["", f"Machine: {rows[0]['cpu_model']}, {rows[0]['threads']} threads, OMP_WAIT_POLICY "
+              f"{rows[0].get('omp_wait_policy') or 'unset'}; 1-minute load average at the evaluations "
+              f"{min(loads):.1f}–{max(loads):.1f} (median {sorted(loads)[len(loads) // 2]:.1f}); "
+              f"commits {', '.join(sorted({r['git_commit'] for r in rows}))}; {len(rows)} rows, "
+              f"last at {rows[-1]['time_utc']}."]
     text = "\n".join(lines)
     print(text)
-    _plot(table, tasks, figure, rows)
+    if markdown is not None:
+        markdown.write_text(text + "\n")
+    if tasks:
+        _plot(table, tasks, figure, rows)
+    return text
 
 
 def _plot(table, tasks, figure: Path, rows) -> None:
@@ -474,6 +633,8 @@ def _plot(table, tasks, figure: Path, rows) -> None:
             for variant in sorted((k[1] for k in table if k[0] == task), key=lambda v: list(COLORS).index(v)):
                 e = table[(task, variant)]
                 peaks = list(e["peaks"].values())
+                if not e["curves"]:
+                    continue
                 peak = f"{sum(peaks) / len(peaks):,.0f} MiB" if peaks else "?"
                 color = COLORS[variant]
                 for i, (seed, curve) in enumerate(sorted(e["curves"].items())):
@@ -517,6 +678,7 @@ def main(argv=None) -> int:
     p.add_argument("--status", action="store_true", help="print the plan and what is done")
     p.add_argument("--report", action="store_true", help="redraw the figure and print the summary")
     p.add_argument("--run-cell", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--probe-runtime", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     stem = "equal_memory_smoke" if args.smoke else "equal_memory"
     # A smoke run's results are not results: they go to runs/ (ignored by git), not to results/.
@@ -529,10 +691,14 @@ def main(argv=None) -> int:
         cell.evals = tuple(cell.evals)
         run_cell(cell, Path(args.csv), Path(args.work_dir), args.smoke, args.threads)
         return 0
+    if args.probe_runtime:
+        print(json.dumps(probe_runtime(args.threads)))
+        return 0
     if args.status:
         return status(args)
     if args.report:
-        report(Path(args.csv), Path(args.figure), smoke=args.smoke)
+        report(Path(args.csv), Path(args.figure), smoke=args.smoke, markdown=Path(args.figure).with_suffix(".md"),
+               threads=args.threads)
         return 0
     return drive(args)
 

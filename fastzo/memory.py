@@ -830,10 +830,17 @@ def encoder_estimate(model, run: EncoderRun | None = None, **run_settings) -> di
     BP, in the steady state of a long run (the optimizer state exists from the first step on,
     gradients are set to None before each forward): weights + optimizer state + the larger of
     (the stored activations of every layer and of the embeddings + the backward's transient of
-    one layer, gradients of the scores and of the MLP intermediate, + the gradients of one
-    layer) and (all gradients + the per-tensor optimizer's temporaries, about two of the
-    largest weight, the word embeddings). MeZO: weights + one forward's working set (the
-    perturbation is in place: nothing else).
+    one layer, gradients of the scores and of the MLP intermediate, + all gradients) and (all
+    gradients + the per-tensor optimizer's temporaries, about two of the largest weight, the
+    word embeddings). All gradients, not those of one layer: on a CPU the allocator keeps the
+    activations freed during the backward pass in its arenas until the step ends, so the
+    process's peak RSS sees them together with the gradients. MeZO: weights + one forward's
+    working set (the perturbation is in place: nothing else).
+
+    ``run.baseline`` is what the process holds besides the model: interpreter, torch,
+    transformers, tokenizer and data, and the compute libraries' code and buffers that the
+    first forward pass loads (about 260 MiB on the 2-core Xeon of ``benchmarks/equal_memory.py``,
+    measured with a toy model; see there).
     """
     spec = model if isinstance(model, EncoderSpec) else encoder_spec_from_config(model)
     if run is None:
@@ -856,9 +863,7 @@ def encoder_estimate(model, run: EncoderRun | None = None, **run_settings) -> di
     state = params * OPTIMIZERS[run.optimizer] * run.weight_bytes
     largest = spec.vocab_size * spec.hidden_size * run.weight_bytes
     temps = 2 * largest if run.optimizer == "adam" else 0.0
-    layer_grads = (4 * (spec.hidden_size ** 2 + spec.hidden_size) + 2 * spec.hidden_size * spec.intermediate_size) \
-        * run.weight_bytes
-    bp_peak = weights + state + max(stored + transient + layer_grads, grads + temps)
+    bp_peak = weights + state + grads + max(stored + transient, temps)
     bp = MethodMemory("BP", weights, grads, state, stored, stored + transient, run.baseline + bp_peak)
     working = encoder_forward_working_set(spec, run)
     mezo = MethodMemory("MeZO", weights, 0.0, 0.0, 0.0, working, run.baseline + weights + working)
@@ -1097,8 +1102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="draw total memory against sequence length (PNG)")
     parser.add_argument("--budget", help="e.g. 16GiB: the largest family member that fits")
     parser.add_argument("--baseline", default="0",
-                        help="encoders: bytes the process holds before the model (e.g. 500MiB for torch, "
-                             "transformers and a tokenizer), added to the predicted peak")
+                        help="encoders: bytes the process holds besides the model (torch, transformers, "
+                             "tokenizer, data and the compute libraries a first forward loads; about 560MiB "
+                             "on a 2-core Xeon), added to the predicted peak")
     return parser
 
 
