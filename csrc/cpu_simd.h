@@ -4,7 +4,7 @@
 //
 //   "scalar"  the contract's per-element code of noise_contract.h (the reference);
 //   "avx512"  16 lanes, x86-64 with AVX-512 F/BW/DQ/VL;
-//   "avx2"    8 lanes, x86-64 with AVX2;
+//   "avx2"    8 lanes, x86-64 with AVX2 and F16C;
 //   "neon"    4 lanes, aarch64.
 //
 // The vector variants run the contract's operations in the same order with the same float32
@@ -255,13 +255,19 @@ static FASTZO_INLINE void mulhilo(U a, uint32_t b, U& hi, U& lo) {
 
 static FASTZO_INLINE F sqrt_v(F x) { return (F)_mm512_sqrt_ps((__m512)x); }
 
+// IEEE float16 <-> float32 conversions (exact; round to nearest even), as c10's.
+static FASTZO_INLINE F half_to_float_h(H h) { return (F)_mm512_cvtph_ps((__m256i)h); }
+static FASTZO_INLINE H float_to_half_h(F y) {
+  return (H)_mm512_cvtps_ph((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
 #include "cpu_simd_body.inc"
 }  // namespace avx512
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,f16c")
 namespace avx2 {
 constexpr int W = 8;
 typedef uint32_t U __attribute__((vector_size(32)));
@@ -280,6 +286,11 @@ static FASTZO_INLINE void mulhilo(U a, uint32_t b, U& hi, U& lo) {
 }
 
 static FASTZO_INLINE F sqrt_v(F x) { return (F)_mm256_sqrt_ps((__m256)x); }
+
+static FASTZO_INLINE F half_to_float_h(H h) { return (F)_mm256_cvtph_ps((__m128i)h); }
+static FASTZO_INLINE H float_to_half_h(F y) {
+  return (H)_mm256_cvtps_ph((__m256)y, _MM_FROUND_TO_NEAREST_INT);
+}
 
 #include "cpu_simd_body.inc"
 }  // namespace avx2
@@ -305,6 +316,13 @@ static FASTZO_INLINE void mulhilo(U a, uint32_t b, U& hi, U& lo) {
 }
 
 static FASTZO_INLINE F sqrt_v(F x) { return (F)vsqrtq_f32((float32x4_t)x); }
+
+static FASTZO_INLINE F half_to_float_h(H h) {
+  return (F)vcvt_f32_f16(vreinterpret_f16_u16((uint16x4_t)h));
+}
+static FASTZO_INLINE H float_to_half_h(F y) {
+  return (H)vreinterpret_u16_f16(vcvt_f16_f32((float32x4_t)y));  // FPCR: round to nearest even
+}
 
 #include "cpu_simd_body.inc"
 }  // namespace neon
@@ -336,7 +354,9 @@ static inline bool cpu_can_run(const Variant& v) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   }
-  if (strcmp(v.name, "avx2") == 0) return __builtin_cpu_supports("avx2");
+  if (strcmp(v.name, "avx2") == 0) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  }
 #endif
   (void)v;
   return true;  // scalar; NEON is part of every aarch64 CPU

@@ -227,6 +227,8 @@ int main(int argc, char** argv) {
           for (int i = 0; i < kBlock; ++i) {
             w32[i] = random_weight();
             w16[i] = to_bits16(w32[i], s);
+            // and any 16-bit pattern: subnormals, infinities, NaN payloads (quiet and signalling)
+            if (next_u64() % 8 == 0) w16[i] = static_cast<uint16_t>(next_u64());
           }
           g32 = w32;
           g16 = w16;
