@@ -547,7 +547,8 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
                     continue
                 best = max(p[3] for c in table[(task, variant)]["curves"].values() for p in c)
                 gap.append(f"{_label(variant)}: best {100 * best:.2f} % ({100 * (best - target):+.2f} points)")
-            lines += ["Against the target: " + "; ".join(gap) + ".", ""]
+            if gap:
+                lines += ["Against the target: " + "; ".join(gap) + ".", ""]
 
     # Memory: measured peak against fastzo.memory's prediction. The process baseline is measured:
     # per cell before its model (imports, tokenizer, data), plus the compute libraries' share
