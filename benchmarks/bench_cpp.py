@@ -141,7 +141,10 @@ def finetune_share(steps: int, threads: int, extension, out: Path) -> dict:
 
 
 def machine_report() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs (lscpu not available)"
     keep = ("Model name", "CPU(s):", "Thread(s) per core", "Core(s) per socket", "L1d", "L2", "L3",
             "Hypervisor", "Flags")
     lines = [line for line in lscpu.splitlines() if line.strip().startswith(keep)]
