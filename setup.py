@@ -29,6 +29,29 @@ def _say(message: str) -> None:
     print(f"fastzo: {message}", file=sys.stderr)
 
 
+def _openmp_flags(torch) -> list:
+    """-fopenmp when torch's intra-op threads are OpenMP's, as in torch's own CPU kernels.
+
+    ATen's ``at::parallel_for`` is inline in the headers and runs in parallel only where
+    ``_OPENMP`` is defined when the extension itself is compiled; without the flag every pass
+    runs on the calling thread whatever ``torch.set_num_threads`` says. The extension then
+    needs libgomp.so.1, which the dynamic loader resolves to the copy torch has already loaded
+    (torch/lib/libgomp.so.1 in the Linux wheels), so one OpenMP runtime and one thread pool
+    serve both. ``FASTZO_NO_OPENMP=1`` builds without it (single-threaded passes).
+    """
+    if _flag("FASTZO_NO_OPENMP"):
+        _say("FASTZO_NO_OPENMP is set: the CPU passes will run on one thread")
+        return []
+    if not torch.backends.openmp.is_available():
+        # ATen's native thread pool: at::parallel_for calls into libtorch, no flag needed.
+        return []
+    if sys.platform.startswith("linux"):
+        return ["-fopenmp"]
+    _say(f"torch uses OpenMP but no OpenMP flags are known for {sys.platform}; "
+         "the CPU passes will run on one thread")
+    return []
+
+
 def _native_extension():
     """(ext_modules, cmdclass) for fastzo._C, or ([], {}) when it cannot be built here."""
     if SKIP:
@@ -54,6 +77,10 @@ def _native_extension():
     # instruction and float compares may be evaluated unconditionally, so the loops vectorise.
     # Neither changes a computed value.
     cxx_flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+    link_flags = []
+    openmp = _openmp_flags(torch)
+    cxx_flags += openmp
+    link_flags += openmp
     define_macros = []
     with_cuda = False
     if torch.version.cuda is not None:
@@ -71,12 +98,13 @@ def _native_extension():
         extra = {"cxx": cxx_flags, "nvcc": ["-O3", "--fmad=false"]}
         extension = cpp_extension.CUDAExtension(
             "fastzo._C", sources, define_macros=define_macros, extra_compile_args=extra,
+            extra_link_args=link_flags,
             depends=[os.path.join(csrc, "noise_contract.h"), os.path.join(csrc, "kernels.h")],
         )
     else:
         extension = cpp_extension.CppExtension(
             "fastzo._C", sources, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
             depends=[os.path.join(csrc, "noise_contract.h"), os.path.join(csrc, "kernels.h")],
         )
 

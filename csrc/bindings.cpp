@@ -190,6 +190,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_kernel_isa", &fastzo::cpu_kernel_isa,
         "The instruction set the CPU kernels were dispatched to on this machine.");
 
+  m.def("cpu_last_pass_threads", &fastzo::cpu_last_pass_threads,
+        "How many threads did work in the latest CPU pass (thread-count tests).");
+  m.attr("CPU_OPENMP") = fastzo::cpu_openmp();
+
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
   m.def("cpu_perturb_", &fastzo::perturb<fastzo::cpu_pass>, "tensors"_a, "keys"_a, "offsets"_a,
         "seed"_a, "scale"_a, "distribution"_a, release_gil);

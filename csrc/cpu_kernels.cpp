@@ -18,6 +18,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
+#include <bitset>
 #include <cstdint>
 #include <vector>
 
@@ -309,6 +311,11 @@ void run_range(const TensorJob& job, int64_t begin, int64_t end, const PassConst
   }
 }
 
+// Which threads (at::get_thread_num(), bit i for thread i mod 64) did work in the latest pass:
+// the tests check that passes really run in parallel. One relaxed fetch_or per parallel_for
+// range, not per element.
+std::atomic<uint64_t> last_pass_threads{0};
+
 }  // namespace
 
 void cpu_pass(const PassRequest& request) {
@@ -330,6 +337,7 @@ void cpu_pass(const PassRequest& request) {
                              request.exact ? static_cast<int32_t>(request.exponents[i]) : 0});
     items += last_chunk - first_chunk + 1;
   }
+  last_pass_threads.store(0, std::memory_order_relaxed);
   if (items == 0) return;
   const PassConstants constants{
       static_cast<uint32_t>(request.seed),
@@ -347,6 +355,8 @@ void cpu_pass(const PassRequest& request) {
       request.multiple};
 
   at::parallel_for(0, items, 1, [&](int64_t item_begin, int64_t item_end) {
+    last_pass_threads.fetch_or(uint64_t{1} << (at::get_thread_num() % 64),
+                               std::memory_order_relaxed);
     // The job holding item_begin: the last one whose first item is <= item_begin.
     auto job = std::upper_bound(jobs.begin(), jobs.end(), item_begin,
                                 [](int64_t item, const TensorJob& j) { return item < j.first_item; }) - 1;
@@ -358,6 +368,19 @@ void cpu_pass(const PassRequest& request) {
       run_range(*job, begin, end, constants);
     }
   });
+}
+
+int64_t cpu_last_pass_threads() {
+  const uint64_t mask = last_pass_threads.load(std::memory_order_relaxed);
+  return static_cast<int64_t>(std::bitset<64>(mask).count());
+}
+
+bool cpu_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
 }
 
 std::string cpu_kernel_isa() {

@@ -41,6 +41,13 @@ void bump_versions(const PassRequest& request);
 
 void cpu_pass(const PassRequest& request);
 
+// How many threads did work in the latest cpu_pass (at most 64 are told apart).
+int64_t cpu_last_pass_threads();
+
+// Whether the CPU kernels were compiled with OpenMP, i.e. whether at::parallel_for can use more
+// than the calling thread (torch's OpenMP builds).
+bool cpu_openmp();
+
 // The instruction set the CPU kernels run with on this machine (for benchmarks and reports).
 std::string cpu_kernel_isa();
 

@@ -258,20 +258,46 @@ def test_multi_tensor_call_equals_one_call_per_tensor(gen):
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_result_does_not_depend_on_the_thread_count(distribution, dtype, gen):
+    """1, 2 and 3 threads give the same bits, and the passes really ran on that many threads
+    (19 chunks of work here, so every thread gets some)."""
+    if not _C().CPU_OPENMP:
+        pytest.skip("fastzo._C was built without OpenMP (torch without OpenMP or FASTZO_NO_OPENMP)")
     w = random_weights(300007, dtype, gen)
-    results = []
+    results, used = [], []
     threads = torch.get_num_threads()
     try:
         for n_threads in (1, 2, 3):
             torch.set_num_threads(n_threads)
             t = w.clone()
             fastzo.perturb_([t], 5, EPS, distribution=distribution, backend="cpp")
+            used.append(_C().cpu_last_pass_threads())
             fastzo.restore_and_update_([t], 5, 0.5 * EPS, 1e-3, 0.1, distribution=distribution,
-                                       backend="cpp")
+                                       backend="cpp", stochastic_rounding=True)
+            used.append(_C().cpu_last_pass_threads())
+            fastzo.restore_and_update_([t], 5, 0.5 * EPS, 1e-3, 0.1, distribution=distribution,
+                                       backend="cpp", stochastic_rounding=False)
             results.append(t)
     finally:
         torch.set_num_threads(threads)
+    assert used == [1, 1, 2, 2, 3, 3]
+    assert not torch.equal(results[0], w)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+@needs_cpp
+def test_passes_are_parallel_where_torch_is():
+    """With torch's OpenMP build (the Linux wheels) the extension must be compiled with OpenMP
+    too, and share torch's runtime rather than load a second one."""
+    if not torch.backends.openmp.is_available():
+        pytest.skip("torch uses its native thread pool")
+    if os.environ.get("FASTZO_NO_OPENMP", "0") not in ("", "0"):
+        pytest.skip("FASTZO_NO_OPENMP is set")
+    assert _C().CPU_OPENMP, "fastzo._C was compiled without -fopenmp: its passes use one thread"
+    if sys.platform.startswith("linux"):
+        with open("/proc/self/maps") as maps:
+            runtimes = {line.split()[-1] for line in maps
+                        if "libgomp" in line or "libiomp" in line or "libomp" in line}
+        assert len(runtimes) == 1, runtimes
 
 
 @needs_cpp
