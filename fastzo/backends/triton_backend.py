@@ -37,9 +37,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GPU_BLOCK = 2048
 BLOCK = 65536 if INTERPRET else GPU_BLOCK
 NUM_WARPS = 8
-# Fast math: hardware sin.approx / cos.approx for the Box–Muller angle (docs/noise.md, "Fast
-# math"). Off by default.
-FAST_MATH = os.environ.get("FASTZO_FAST_MATH", "0") == "1"
+# Fast math: hardware sin.approx / cos.approx for the Box–Muller angle of the plain (not exact)
+# Gaussian passes, |Δz| ≤ 4.5e-6 (docs/noise.md, "Fast math"). On by default, chosen from the
+# static model (docs/performance.md): bf16/fp16 Gaussian perturb 81 → 100 % of H100 copy
+# bandwidth, with stochastic rounding 59 → 66 %; float32 passes are at 100 % either way.
+# FASTZO_FAST_MATH=0 turns it off.
+FAST_MATH = os.environ.get("FASTZO_FAST_MATH", "1") != "0"
 
 
 def check_available() -> None:
@@ -93,7 +96,7 @@ if triton is not None:
         n = 2 * k + 1
         e = (n.to(tl.float32).to(tl.int32, bitcast=True) - 0x3F3504F3) >> 23  # sqrt(1/2)
         inv_pow2 = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
-        f = (k.to(tl.float32) * (2.0 * inv_pow2) - 1.0) + inv_pow2  # exact
+        f = tl.fma(k.to(tl.float32), 2.0 * inv_pow2, -1.0) + inv_pow2  # exact
         exponent = (e - 25).to(tl.float32)
         f2 = f * f
         p = tl.fma(tl.full(f.shape, 7.0376836292e-2, tl.float32), f, -1.1514610310e-1)
@@ -104,10 +107,11 @@ if triton is not None:
         p = tl.fma(p, f, 2.0000714765e-1)
         p = tl.fma(p, f, -2.4999993993e-1)
         p = tl.fma(p, f, 3.3333331174e-1)
-        y = p * f * f2
-        y = y + exponent * -2.12194440e-4
-        y = y - 0.5 * f2
-        return (f + y) + exponent * 0.693359375
+        # the last steps fused too (one instruction each instead of two; every one of them
+        # rounds at most once, so the error only shrinks)
+        y = tl.fma(exponent, -2.12194440e-4, p * f * f2)
+        y = tl.fma(f2, -0.5, y)
+        return tl.fma(exponent, 0.693359375, f + y)
 
     @triton.jit
     def _sincos_2pi_uniform24(x, HW_TRIG: tl.constexpr):
@@ -130,10 +134,10 @@ if triton is not None:
             a2 = a * a
             sp = tl.fma(tl.full(a2.shape, -1.9515295891e-4, tl.float32), a2, 8.3321608736e-3)
             sp = tl.fma(sp, a2, -1.6666654611e-1)
-            sp = sp * a2 * a + a
+            sp = tl.fma(sp * a2, a, a)
             cp = tl.fma(tl.full(a2.shape, 2.443315711809948e-5, tl.float32), a2, -1.388731625493765e-3)
             cp = tl.fma(cp, a2, 4.166664568298827e-2)
-            cp = cp * a2 * a2 - 0.5 * a2 + 1.0
+            cp = tl.fma(cp * a2, a2, tl.fma(a2, -0.5, 1.0))
             odd = (q & 1) != 0
             s_base = tl.where(odd, cp, sp)
             c_base = tl.where(odd, sp, cp)
@@ -498,7 +502,8 @@ def _pass_constexprs(dtype, distribution, update, stochastic, fused_next, exact,
         DTYPE=_TL_DTYPE[dtype], BLOCK=block, GAUSSIAN=distribution == "gaussian", UPDATE=bool(update),
         STOCHASTIC=bool(stochastic) and bool(update) and dtype != torch.float32,
         NEXT=bool(fused_next) and bool(update), EXACT=bool(exact), MBITS=mbits, BIAS=bias,
-        MAX_BITS=max_bits, INF_BITS=inf_bits, HW_TRIG=bool(fast_math) and distribution == "gaussian",
+        MAX_BITS=max_bits, INF_BITS=inf_bits,
+        HW_TRIG=bool(fast_math) and distribution == "gaussian" and not exact,
     )
 
 
@@ -515,6 +520,8 @@ def _launch_options(exact: bool, fused_next: bool) -> dict:
     options = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
     if not (exact or fused_next):
         options["maxnreg"] = MAX_REGISTERS
+    elif not exact:
+        options["maxnreg"] = 128  # left alone, ptxas chose 64 and spilled on sm_80
     return options
 
 
@@ -679,7 +686,7 @@ def _pass_spec(cc, dtype, distribution, update, stochastic_rounding, fused_next,
         raise ValueError("exact mode applies to 16-bit dtypes only")
     fast_math = FAST_MATH if fast_math is None else bool(fast_math)
     return (cc, dtype, distribution, bool(update), bool(stochastic_rounding), bool(fused_next),
-            bool(exact), fast_math and distribution == "gaussian")
+            bool(exact), fast_math and distribution == "gaussian" and not exact)
 
 
 def _compile_here(spec) -> CompiledPass:
@@ -716,9 +723,9 @@ def _compile_here(spec) -> CompiledPass:
 _COMPILED: dict = {}
 
 
-def _compile_in_subprocess(specs):
-    """Under TRITON_INTERPRET=1 the kernels here are interpreter objects: compile in a fresh
-    interpreter of the same fastzo without that variable."""
+def _compile_in_subprocesses(specs, jobs):
+    """Under TRITON_INTERPRET=1 the kernels here are interpreter objects: compile in fresh
+    interpreters of the same fastzo without that variable, `jobs` of them side by side."""
     import pickle
     import subprocess
     import sys
@@ -729,23 +736,42 @@ def _compile_in_subprocess(specs):
     code = ("import pickle, sys; from fastzo.backends import triton_backend as tb; "
             "specs = pickle.load(sys.stdin.buffer); "
             "pickle.dump([tb._compile_here(s) for s in specs], sys.stdout.buffer)")
-    proc = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(specs), env=env,
-                          capture_output=True)
-    if proc.returncode != 0:
-        raise RuntimeError("ahead-of-time compilation failed:\n"
-                           + proc.stderr.decode(errors="replace")[-4000:])
-    return pickle.loads(proc.stdout)
+    chunks = [specs[i::jobs] for i in range(min(jobs, len(specs)))]
+    procs = []
+    for chunk in chunks:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        proc.stdin.write(pickle.dumps(chunk))
+        proc.stdin.close()
+        procs.append(proc)
+    results = {}
+    failures = []
+    for chunk, proc in zip(chunks, procs):
+        out = proc.stdout.read()
+        err = proc.stderr.read()
+        if proc.wait() != 0:
+            failures.append(err.decode(errors="replace")[-4000:])
+        else:
+            results.update(zip(chunk, pickle.loads(out)))
+    if failures:
+        raise RuntimeError("ahead-of-time compilation failed:\n" + "\n".join(failures))
+    return [results[s] for s in specs]
 
 
-def compile_passes(cc, variants) -> list:
-    """compile_pass for many variants (dicts of its keyword arguments) at once; one subprocess
-    under the interpreter, and every result cached for the life of the process."""
+def compile_passes(cc, variants, jobs=None) -> list:
+    """compile_pass for many variants (dicts of its keyword arguments) at once, every result
+    cached for the life of the process. Under the interpreter they compile in `jobs`
+    subprocesses (default: up to 2 or the number of CPUs)."""
     check_aot_available()
     specs = [_pass_spec(cc, **{"stochastic_rounding": False, "fused_next": False, "exact": False,
                                "fast_math": None, **v}) for v in variants]
     missing = [s for s in dict.fromkeys(specs) if s not in _COMPILED]
     if missing:
-        results = _compile_in_subprocess(missing) if INTERPRET else [_compile_here(s) for s in missing]
+        if INTERPRET:
+            jobs = jobs or max(1, min(2, os.cpu_count() or 1))
+            results = _compile_in_subprocesses(missing, jobs)
+        else:
+            results = [_compile_here(s) for s in missing]
         _COMPILED.update(zip(missing, results))
     return [_COMPILED[s] for s in specs]
 
