@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q numpy ninja pybind11 pytest scipy scikit-learn triton matplotlib tqdm "transformers>=4.45"
+	$(PIP) install -q numpy ninja pybind11 pytest hypothesis scipy scikit-learn triton matplotlib tqdm "transformers>=4.45"
 	$(PIP) install -q $(TORCH_SPEC) accelerate peft lightning
 	$(PIP) install -q --no-build-isolation -e .
 	touch $@

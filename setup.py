@@ -151,7 +151,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "bench": ["matplotlib", "tqdm", "transformers"],
-        "test": ["pytest", "scipy"],
+        "test": ["pytest", "hypothesis", "scipy"],
     },
     entry_points={"console_scripts": ["fastzo=fastzo.cli:main"]},
     ext_modules=ext_modules,

@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fastzo.benchmark import cpu_name  # noqa: E402
+from fastzo.distributed import CollectiveMeter  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "distributed.csv"
 COLUMNS = ["benchmark", "backend", "dtype", "size", "metric", "unit", "median", "p20", "p80",
@@ -102,17 +103,17 @@ def worker(rank, world, port, args, out_path):
     times, exchange, sent, received = [], [], [], []
     for t in range(warmup + steps):
         ids = _batch(config, args.batch, args.seq, rank, world, t)
-        before = dict(coordinator.stats)
         exchange_time[0] = 0.0
         dist.barrier()
         start = time.perf_counter()
-        opt.step(lambda: model(input_ids=ids, labels=ids).loss)
+        with CollectiveMeter() as meter:  # measured at torch.distributed, not counted by fastzo
+            opt.step(lambda: model(input_ids=ids, labels=ids).loss)
         elapsed = time.perf_counter() - start
         if t >= warmup:
             times.append(elapsed)
             exchange.append(exchange_time[0])
-            sent.append(coordinator.stats["bytes_sent"] - before["bytes_sent"])
-            received.append(coordinator.stats["bytes_received"] - before["bytes_received"])
+            sent.append(sum(e["bytes_in"] for e in meter.totals().values()))
+            received.append(sum(e["bytes_out"] for e in meter.totals().values()))
     result["mezo"] = dict(step_time=times, exchange_time=exchange, bytes_sent=sent,
                           bytes_received=received, backend=opt.backend or _picked_backend())
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from . import ops
-from .backends import available_backends, supports
+from .backends import BACKENDS, available_backends, supports
+from .cli import check_backends, check_device, comma_list, number
 from .reference import ReferenceMeZO
 
 CSV_COLUMNS = ["benchmark", "backend", "dtype", "size", "metric", "unit", "median", "p20", "p80",
@@ -261,28 +262,44 @@ def plot_passes(csv_path: Path, out_png: Path):
 # -------------------------------------------------------------------------------- CLI
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="fastzo bench", description=__doc__)
-    parser.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")],
+    parser.add_argument("--sizes", type=comma_list(number(int, strictly_positive=True)),
                         default=[10**6, 10**7], help="elements per pass, comma separated (1e7 ok)")
-    parser.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32", "bfloat16"])
-    parser.add_argument("--backends", type=lambda s: s.split(","), default=None,
+    parser.add_argument("--dtypes", type=comma_list(choices=tuple(DTYPES)), default=["float32", "bfloat16"])
+    parser.add_argument("--backends", type=comma_list(choices=BACKENDS), default=None,
                         help="default: every available backend for the device")
-    parser.add_argument("--distributions", type=lambda s: s.split(","), default=["gaussian", "rademacher"])
+    parser.add_argument("--distributions", type=comma_list(choices=("gaussian", "rademacher")),
+                        default=["gaussian", "rademacher"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--oracle-max-size", type=int, default=10**6,
+    parser.add_argument("--repeats", type=number(int, strictly_positive=True), default=5)
+    parser.add_argument("--oracle-max-size", type=number(int, minimum=0), default=10**6,
                         help="skip the slow torch oracle above this size")
-    parser.add_argument("--model", type=lambda s: [tuple(int(v) for v in m.split("x")) for m in s.split(",")],
-                        default=[(256, 4)], help="step benchmark models as HIDDENxLAYERS, comma separated")
-    parser.add_argument("--model-dtypes", type=lambda s: s.split(","), default=["float32"])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--model", type=comma_list(_model_shape), default=[(256, 4)],
+                        help="step benchmark models as HIDDENxLAYERS, comma separated")
+    parser.add_argument("--model-dtypes", type=comma_list(choices=tuple(DTYPES)), default=["float32"])
+    parser.add_argument("--steps", type=number(int, strictly_positive=True), default=5)
     parser.add_argument("--no-steps", action="store_true", help="skip the step benchmark")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder")
     return parser
 
 
-def run(args) -> int:
-    from tqdm import tqdm
+def _model_shape(text: str) -> tuple[int, int]:
+    parts = text.split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not HIDDENxLAYERS with positive integers, e.g. 256x4")
+    return int(parts[0]), int(parts[1])
 
+
+def _progress(iterable, **kwargs):
+    """tqdm's progress bar if tqdm is installed (an optional dependency), else the plain iterable."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, **kwargs)
+
+
+def run(args) -> int:
+    tqdm = _progress
     device = torch.device(args.device)
     rec = Recorder(args.out / "bench.csv", device)
     backends = args.backends or [b for b in available_backends() if supports(b, device)]
@@ -313,10 +330,21 @@ def run(args) -> int:
                     print(f"{n_params:>10.2e} {dt:9} {method:10} {total * 1e3:9.1f} {overhead * 1e3:15.1f}")
                 ratio = results["fastzo"][1] / results["reference"][1]
                 print(f"{'':>10} fastzo perturbation+update = {ratio:.2f} x the reference's")
-    png = plot_passes(rec.path, args.out / "passes.png")
+    try:
+        import matplotlib  # noqa: F401  (an optional dependency: the table and CSV come first)
+    except ImportError:
+        png = None
+        print("\nplot skipped: matplotlib is not installed (pip install matplotlib)")
+    else:
+        png = plot_passes(rec.path, args.out / "passes.png")
     print(f"\nrows appended to {rec.path}" + (f"; plot {png}" if png else ""))
     return 0
 
 
 def cli_main(argv=None) -> int:
-    return run(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = check_device(parser, args.device)
+    if args.backends is not None:
+        check_backends(parser, args.backends, device)
+    return run(args)

@@ -120,7 +120,7 @@ def local_view(p) -> tuple[torch.Tensor, int]:
     at global row r, so its offset is r × (elements per row); a replicated one at 0.
     """
     if not is_dtensor(p):
-        return p.data, 0
+        return p.detach(), 0  # shares the version counter, unlike .data
     check_placements(p)
     with torch.no_grad():
         local = p.to_local()
@@ -243,14 +243,14 @@ class Coordinator:
     def _all_gather(self, row) -> list[list[float]]:
         self._index += 1
         self.stats["exchanges"] += 1
-        self.stats["bytes_sent"] += ROW * 8
-        self.stats["bytes_received"] += ROW * 8 * self.world
-        if self.group is None:
+        if self.group is None:  # a world of one: no collective, nothing sent
             return [row]
         import torch.distributed as dist
 
         mine = torch.tensor(row, dtype=torch.float64, device=self.device)
         rows = [torch.empty_like(mine) for _ in range(self.world)]
+        self.stats["bytes_sent"] += mine.nbytes  # the tensors handed to the collective
+        self.stats["bytes_received"] += sum(r.nbytes for r in rows)
         try:
             dist.all_gather(rows, mine, group=self.group)
         except Exception as exc:  # a dead rank, a timeout, a broken group
@@ -332,7 +332,7 @@ class Coordinator:
                 module.reshard()
 
     # ------------------------------------------------------------- split directions
-    def split_step(self, opt, closure):
+    def split_step(self, opt, closure, step):
         """q-SPSA with the q directions dealt round-robin to the ranks.
 
         Round j covers directions jW … jW+W−1; rank r evaluates direction jW+r (two forwards,
@@ -344,7 +344,7 @@ class Coordinator:
         from .optim import StepRecord
 
         t, q, world = opt.step_count, opt.num_directions, self.world
-        eps_list = opt._eps_list()
+        eps_list = step.eps
         seeds = [opt.seed_for(t, d) for d in range(q)]
         pairs: list[tuple[float, float] | None] = [None] * q
         central = opt.estimator == "central"
@@ -356,22 +356,18 @@ class Coordinator:
             values = []
             for d in range(first, min(first + world, q)):
                 own = d == mine
-                opt._applied = (seeds[d], 0.0)
-                opt._perturb(seeds[d], eps_list)
-                opt._applied = (seeds[d], 1.0)
+                opt._pass(seeds[d], 1, step)
                 if own:
                     values.append(opt._evaluate(closure))
                 if central:
-                    opt._perturb(seeds[d], [-2 * e for e in eps_list])
-                    opt._applied = (seeds[d], -1.0)
+                    opt._pass(seeds[d], -2, step)
                     if own:
                         values.append(opt._evaluate(closure))
-                    opt._perturb(seeds[d], eps_list)
+                    opt._pass(seeds[d], 1, step)
                 else:
                     if own:
                         values.append(base)
-                    opt._perturb(seeds[d], [-e for e in eps_list])
-                opt._applied = None
+                    opt._pass(seeds[d], -1, step)
             rows = self.exchange(opt, values, STATUS_OK if values else STATUS_IDLE)
             for d in range(first, min(first + world, q)):
                 row = rows[d - first]
@@ -379,23 +375,82 @@ class Coordinator:
         flat = [v for pair in pairs for v in pair]
         if not opt._check_finite(flat):
             return None
-        grads0 = []
-        for d, (plus, minus) in enumerate(pairs):
+        all_grads = []
+        for plus, minus in pairs:
             diff = (plus - minus) / 2.0 if central else plus - minus
             grads = [diff / e for e in eps_list]
             if opt.sign:
                 grads = [math.copysign(1.0, g) if g != 0 else 0.0 for g in grads]
-            grads0.append(grads[0])
-            opt._restore_and_update(seeds[d], [0.0] * len(eps_list), [g / q for g in grads])
+            all_grads.append([g / q for g in grads])
         if central:
             loss = sum((p + m) / 2 for p, m in pairs) / q
         else:
             loss = _mean([m for _, m in pairs])
-        return StepRecord(step=t, seeds=seeds, losses=[tuple(p) for p in pairs],
-                          projected_grads=grads0, loss=loss)
+        record = StepRecord(step=t, seeds=seeds, losses=[tuple(p) for p in pairs],
+                            projected_grads=[g[0] * q for g in all_grads], loss=loss)
+        opt._commit(step, record, seeds, all_grads, None)
+        return record
 
 
 # ------------------------------------------------------------------------------ utilities
+class CollectiveMeter:
+    """Measure what goes through torch.distributed: ``with CollectiveMeter() as m: ...`` wraps
+    the collectives (all_gather, all_gather_into_tensor, all_reduce, broadcast, reduce_scatter_tensor,
+    all_gather_object) for the block and records, per collective, the calls and the bytes of the
+    tensors handed in (``bytes_in``) and filled (``bytes_out``)."""
+
+    NAMES = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast",
+             "reduce_scatter_tensor")
+
+    def __init__(self):
+        self.calls: dict[str, dict[str, int]] = {}
+        self._saved = {}
+
+    @staticmethod
+    def _nbytes(x) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.nbytes
+        if isinstance(x, (list, tuple)):
+            return sum(CollectiveMeter._nbytes(v) for v in x)
+        return 0
+
+    def _wrap(self, name, fn):
+        def wrapped(*args, **kwargs):
+            entry = self.calls.setdefault(name, dict(calls=0, bytes_in=0, bytes_out=0))
+            entry["calls"] += 1
+            if name in ("all_gather", "all_gather_into_tensor", "reduce_scatter_tensor"):
+                out, inp = args[0], args[1] if len(args) > 1 else kwargs.get("tensor", kwargs.get("input"))
+                entry["bytes_in"] += self._nbytes(inp)
+                entry["bytes_out"] += self._nbytes(out)
+            else:  # in place: the tensor is sent and overwritten
+                size = self._nbytes(args[0] if args else kwargs.get("tensor"))
+                entry["bytes_in"] += size
+                entry["bytes_out"] += size
+            return fn(*args, **kwargs)
+        return wrapped
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        for name in self.NAMES:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                self._saved[name] = fn
+                setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        self._saved = {}
+        return False
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        return {name: dict(entry) for name, entry in self.calls.items()}
+
+
 def weights_fingerprint(params) -> int:
     """48-bit hash of the exact bytes of ``params`` (plain tensors or replicated DTensors)."""
     h = hashlib.blake2b(digest_size=6)

@@ -47,19 +47,44 @@ def _as_list(tensors) -> list[torch.Tensor]:
     return out
 
 
+def memory_order(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The dimension order in which a dense, non-overlapping tensor lies in memory (outermost
+    first), so that ``t.permute(order)`` is contiguous; None if ``t`` overlaps or has gaps.
+
+    Row-major tensors give (0, 1, …); a channels_last NCHW tensor gives (0, 2, 3, 1).
+    """
+    if t.is_contiguous():
+        return tuple(range(t.dim()))
+    order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def _dense_views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Contiguous views in memory order: the element index of the noise contract is an element's
+    position in memory (docs/noise.md), the row-major index for a contiguous tensor."""
+    return [t if t.is_contiguous() else t.permute(memory_order(t)) for t in tensors]
+
+
 def _check_tensors(tensors: list[torch.Tensor]) -> torch.device | None:
     devices = set()
     seen = set()
     for idx, t in enumerate(tensors):
+        if t.device.type == "meta":
+            raise ValueError(
+                f"tensor {idx} (shape {tuple(t.shape)}) is on the meta device and has no data to "
+                "perturb; create the real tensor first (e.g. module.to_empty(device=...))"
+            )
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
                 f"tensor {idx} has dtype {t.dtype}; fastzo perturbs float32, bfloat16 or "
                 "float16 tensors only"
             )
-        if not t.is_contiguous():
+        if t.numel() and memory_order(t) is None:
             raise ValueError(
-                f"tensor {idx} (shape {tuple(t.shape)}) is not contiguous; element indices of "
-                "the noise contract are row-major offsets, so pass a contiguous tensor"
+                f"tensor {idx} (shape {tuple(t.shape)}, strides {tuple(t.stride())}) is not "
+                "contiguous and not a dense permutation of its dimensions (such as channels_last): "
+                "it overlaps or has gaps, so it has no memory-order element index. Pass "
+                "t.contiguous() (and copy the result back) or the tensor it is a view of"
             )
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
         if ptr is not None and ptr in seen:
@@ -72,6 +97,14 @@ def _check_tensors(tensors: list[torch.Tensor]) -> torch.device | None:
             "call once per device"
         )
     return devices.pop() if devices else None
+
+
+def _written(tensors) -> None:
+    """Bump the autograd version counter of tensors a backend wrote through a raw pointer, as
+    any in-place op does: a graph that saved them before now refuses to backpropagate."""
+    for t in tensors:
+        if not t.is_inference():
+            torch.autograd.graph.increment_version(t)
 
 
 def _check_keys(keys, n: int) -> list[int]:
@@ -111,6 +144,7 @@ def _prepare(tensors, seed, keys, offsets, distribution, backend):
     module = get_backend(backend) if backend is not None else get_backend(pick_backend(device))
     if not module.supports_device(device):
         raise ValueError(f"backend {module.NAME!r} does not run on device {device}")
+    tensors = _dense_views(tensors)
     live = [(t, k, o) for t, k, o in zip(tensors, keys, offsets) if t.numel()]
     return module, [t for t, _, _ in live], [k for _, k, _ in live], [o for _, _, o in live]
 
@@ -127,6 +161,7 @@ def perturb_(tensors, seed: int, scale: float, *, keys=None, offsets=None,
     if tensors:
         with torch.no_grad():
             module.perturb_(tensors, keys, offsets, seed, scale, distribution)
+        _written(tensors)
 
 
 def restore_and_update_(tensors, seed: int, eps: float, lr: float, projected_grad: float,
@@ -158,6 +193,7 @@ def restore_and_update_(tensors, seed: int, eps: float, lr: float, projected_gra
         with torch.no_grad():
             module.restore_and_update_(tensors, keys, offsets, seed, eps, decay, step,
                                        distribution, bool(stochastic_rounding))
+        _written(tensors)
 
 
 def restore_update_and_perturb_(tensors, seed: int, eps: float, lr: float, projected_grad: float,
@@ -198,6 +234,7 @@ def restore_update_and_perturb_(tensors, seed: int, eps: float, lr: float, proje
             module.restore_and_update_(tensors, keys, offsets, seed, eps, decay, step,
                                        distribution, bool(stochastic_rounding))
             module.perturb_(tensors, keys, offsets, next_seed, next_scale, distribution)
+    _written(tensors)
 
 
 # ------------------------------------------------------------------------------------------
@@ -277,10 +314,10 @@ def _exact_module(module, device: torch.device):
     """
     if hasattr(module, "exact_perturb_"):
         return module
-    from .backends import BACKENDS, supports
+    from .backends import auto_order
 
-    for name in BACKENDS:
-        if supports(name, device) and hasattr(get_backend(name), "exact_perturb_"):
+    for name in auto_order(device):
+        if hasattr(get_backend(name), "exact_perturb_"):
             if module.NAME not in _warned_no_exact:
                 _warned_no_exact.add(module.NAME)
                 warnings.warn(f"backend {module.NAME!r} has no exact mode (a stale build?); its "
@@ -308,6 +345,7 @@ def _prepare_exact(tensors, seed, keys, offsets, distribution, backend, quanta, 
     exact_module = module
     if any(e is not None for e in exponents):
         exact_module = _exact_module(module, device)
+    tensors = _dense_views(tensors)
     exact, plain = [], []
     for t, k, o, e in zip(tensors, keys, offsets, exponents):
         if t.numel():
@@ -343,6 +381,7 @@ def exact_perturb_(tensors, seed: int, eps: float, multiple: int, quanta, *, key
         if exact:
             ts, ks, os_, es = _columns(exact)
             exact_module.exact_perturb_(ts, ks, os_, seed, eps, multiple, es, distribution)
+    _written([row[0] for row in plain + exact])
 
 
 def _exact_restore(tensors, seed, eps, decay, step, keys, offsets, distribution, stochastic_rounding,
@@ -368,6 +407,7 @@ def _exact_restore(tensors, seed, eps, decay, step, keys, offsets, distribution,
             ts, ks, os_, es = _columns(exact)
             exact_module.exact_restore_and_update_(ts, ks, os_, seed, eps, decay, step, distribution,
                                                    stochastic_rounding, es, next_seed, next_scale)
+    _written([row[0] for row in plain + exact])
 
 
 def sum_of_squares(tensor: torch.Tensor) -> tuple[float, int]:
@@ -424,6 +464,7 @@ def snap_to_grid_(tensors, quanta) -> None:
     tensors = _as_list(tensors)
     _check_tensors(tensors)
     exponents = _check_quanta(quanta, tensors)
+    tensors = _dense_views(tensors)
     from .backends import torch_backend
 
     with torch.no_grad():
@@ -435,3 +476,4 @@ def snap_to_grid_(tensors, quanta) -> None:
                 part = flat[start:start + noise.CHUNK]
                 bits = torch_backend.round_to_grid(part.float(), None, t.dtype, e)
                 torch_backend._store_bits(part, bits)
+        _written(tensors)

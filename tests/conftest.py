@@ -21,3 +21,17 @@ def gen():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"input seed {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+# Hypothesis budgets (tests/test_stateful.py). "ci", the default, keeps the state machine to a few
+# seconds; FASTZO_HYPOTHESIS_PROFILE=long runs hundreds of longer random sequences on demand.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the stateful test skips without Hypothesis
+    pass
+else:
+    settings.register_profile("ci", max_examples=25, stateful_step_count=15, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("long", max_examples=600, stateful_step_count=40, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("FASTZO_HYPOTHESIS_PROFILE", "ci"))

@@ -25,6 +25,8 @@ import fastzo
 from fastzo.distributed import DistributedStateError, PeerFailureError, ShardingError
 
 BACKEND = "torch"  # the oracle: fast enough for these tiny models, identical on every rank
+# The main data-parallel scenario runs on the oracle and on the backend users get on a CPU.
+DP_BACKENDS = ["torch"] + (["cpp"] if "cpp" in fastzo.available_backends() else [])
 TIMEOUT = 60  # seconds per spawn
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,18 +146,22 @@ SAVE_AT = 3
 
 
 # ----------------------------------------------------------- scenario: data parallel, 2 ranks
-def dp_worker(rank, world, steps, save_at):
+def dp_worker(rank, world, steps, save_at, backend):
+    from fastzo.distributed import CollectiveMeter
+
+    OPTS = globals()["OPTS"] | dict(backend=backend)
     X, y = batch()
     Xr, yr = X.chunk(world)[rank], y.chunk(world)[rank]
     model = mlp()
     opt = fastzo.MeZO(model.parameters(), process_group=group(), **OPTS)
     checkpoint, losses = None, []
-    for t in range(steps):
-        if t == save_at:
-            checkpoint = (flat(model), opt.state_dict())
-        losses.append(opt.step(lambda: loss_fn(model, Xr, yr)))
+    with CollectiveMeter() as meter:  # what actually goes through torch.distributed
+        for t in range(steps):
+            if t == save_at:
+                checkpoint = (flat(model), opt.state_dict())
+            losses.append(opt.step(lambda: loss_fn(model, Xr, yr)))
     out = dict(weights=flat(model), losses=losses, checkpoint=checkpoint, stats=dict(opt._dist.stats),
-               record=opt.last_step)
+               record=opt.last_step, measured=meter.totals(), backend=backend)
     for name, options in VARIANTS.items():
         variant = mlp()
         vopt = fastzo.MeZO(variant.parameters(), process_group=group(), **options, **OPTS)
@@ -183,15 +189,15 @@ VARIANTS = {"fused steps": dict(fused_steps=True), "forward estimator": dict(est
             "q=2": dict(num_directions=2), "rademacher": dict(distribution="rademacher")}
 
 
-@pytest.fixture(scope="module")
-def dp_run(tmp_path_factory):
-    return launch(dp_worker, 2, STEPS, SAVE_AT, out_dir=tmp_path_factory.mktemp("dp"))
+@pytest.fixture(scope="module", params=DP_BACKENDS)
+def dp_run(request, tmp_path_factory):
+    return launch(dp_worker, 2, STEPS, SAVE_AT, request.param, out_dir=tmp_path_factory.mktemp("dp"))
 
 
-def single_process(steps, model=None, opt=None):
+def single_process(steps, model=None, opt=None, backend=BACKEND):
     X, y = batch()
     model = model if model is not None else mlp()
-    opt = opt if opt is not None else fastzo.MeZO(model.parameters(), **OPTS)
+    opt = opt if opt is not None else fastzo.MeZO(model.parameters(), **(OPTS | dict(backend=backend)))
     losses = [opt.step(lambda: loss_fn(model, X, y)) for _ in range(steps)]
     return model, opt, losses
 
@@ -203,13 +209,25 @@ def test_replicas_stay_bit_identical(dp_run):
 
 
 def test_one_exchange_of_56_bytes_per_step(dp_run):
-    stats = dp_run[0]["stats"]
+    # measured by wrapping torch.distributed's collectives on each rank
+    for rank in (0, 1):
+        measured = dp_run[rank]["measured"]
+        assert measured == {"all_gather": dict(calls=STEPS, bytes_in=56 * STEPS, bytes_out=2 * 56 * STEPS)}
+    stats = dp_run[0]["stats"]  # the coordinator's own account agrees
     assert stats["exchanges"] == STEPS
     assert stats["bytes_sent"] == 56 * STEPS and stats["bytes_received"] == 2 * 56 * STEPS
 
 
+def test_the_coordinator_counts_no_bytes_without_a_collective():
+    model = mlp()
+    opt = fastzo.MeZO(model.parameters(), split_directions=True, num_directions=2, **OPTS)
+    opt.step(lambda: loss_fn(model, *batch()))
+    assert opt._dist.stats["exchanges"] == 2  # one round per direction in a world of one
+    assert opt._dist.stats["bytes_sent"] == opt._dist.stats["bytes_received"] == 0
+
+
 def test_data_parallel_equals_single_process_on_the_whole_batch(dp_run):
-    model, opt, losses = single_process(STEPS)
+    model, opt, losses = single_process(STEPS, backend=dp_run[0]["backend"])
     # The ranks average the two half-batch means, the single process takes one mean: equal up to
     # float32 rounding of the loss, which g = ΔL/2ε amplifies by 1/ε.
     torch.testing.assert_close(dp_run[0]["weights"], flat(model), rtol=0, atol=2e-5)
@@ -222,7 +240,7 @@ def test_data_parallel_variants(dp_run, variant):
     options = VARIANTS[variant]
     assert torch.equal(dp_run[0][variant]["weights"], dp_run[1][variant]["weights"])
     model = mlp()
-    opt = fastzo.MeZO(model.parameters(), **options, **OPTS)
+    opt = fastzo.MeZO(model.parameters(), **options, **(OPTS | dict(backend=dp_run[0]["backend"])))
     single_process(4, model, opt)
     opt.materialize()
     # the forward estimator's g = ΔL/ε amplifies the loss rounding twice as much as central's
@@ -237,7 +255,7 @@ def test_resume_on_a_different_world_size(dp_run):
     model = mlp()
     with torch.no_grad():
         torch.nn.utils.vector_to_parameters(weights, model.parameters())
-    opt = fastzo.MeZO(model.parameters(), **OPTS)  # one process, no group
+    opt = fastzo.MeZO(model.parameters(), **(OPTS | dict(backend=dp_run[0]["backend"])))  # no group
     opt.load_state_dict(state)
     assert opt.step_count == SAVE_AT
     model, opt, _ = single_process(STEPS - SAVE_AT, model, opt)
@@ -349,7 +367,8 @@ def test_split_directions(split_run, case):
 
 
 def test_split_directions_is_close_to_sequential_directions():
-    """Same-point q-SPSA (split) and sequential q-SPSA differ by O(lr²); both train."""
+    """q-SPSA split over ranks and in one process: both evaluate every direction at θ and differ
+    only in the rounding of the passes (one restore pass more per direction in the split)."""
     X, y = batch()
     runs = []
     for split in (False, True):

@@ -62,9 +62,21 @@ def supports(name: str, device: torch.device) -> bool:
     return module is not None and module.supports_device(device)
 
 
+def auto_order(device: torch.device) -> list[str]:
+    """The backends ``backend=None`` may pick on ``device``, fastest first.
+
+    Triton on a CPU device is its interpreter (``TRITON_INTERPRET=1``): a test tool, about 250
+    times slower than the cpp backend (932 ms against 3.6 ms per pass over 10^6 elements), so it
+    runs only when asked for by name (``backend="triton"``), never by default.
+    """
+    device = torch.device(device)
+    return [name for name in BACKENDS if not (name == "triton" and device.type != "cuda")
+            and supports(name, device)]
+
+
 def pick_backend(device: torch.device) -> str:
-    """The fastest available backend that runs on ``device``."""
-    for name in BACKENDS:
-        if supports(name, device):
-            return name
+    """The fastest available backend that runs on ``device`` (never the Triton interpreter)."""
+    names = auto_order(device)
+    if names:
+        return names[0]
     raise BackendUnavailable(f"no fastzo backend supports device {device}")
