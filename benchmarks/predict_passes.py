@@ -178,10 +178,10 @@ def markdown(rows):
             if not r:
                 cells.append("")
                 continue
-            spill = f" (spills {r['spill_bytes']} B)" if r.get("spill_bytes") else ""
+            spill = f" (spills {r['spill_bytes']} B)" if str(r.get("spill_bytes")) not in ("", "0") else ""
+            pct = lambda gpu: f"{float(r[gpu]):g}" if r.get(gpu) not in (None, "") else "–"  # noqa: E731
             cells.append(f"{r['registers']}{spill}, {r['access_bits']}, {r['instr_per_elem']}, "
-                         f"{r.get('H100-SXM_pct', '?'):g} / {r.get('H200_pct', '?'):g} / "
-                         f"{r.get('Orin-AGX_pct', '?'):g}")
+                         f"{pct('H100-SXM_pct')} / {pct('H200_pct')} / {pct('Orin-AGX_pct')}")
         v = dict(zip(("dtype", "distribution", "update", "stochastic_rounding", "fused_next",
                       "exact"), k))
         lines.append(f"| {k[0]} | {k[1]} | {pass_name(v)} | " + " | ".join(cells) + " |")
@@ -196,16 +196,26 @@ def main():
     ap.add_argument("--polynomial", action="store_true",
                     help="also the Triton Gaussian passes without fast math (polynomial sin/cos)")
     ap.add_argument("--markdown", help="also write the Markdown table to this file")
+    ap.add_argument("--from-csv", help="only print the Markdown table of an existing CSV")
     args = ap.parse_args()
+    if args.from_csv:
+        with open(args.from_csv) as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            for k in ("update", "stochastic_rounding", "fused_next", "exact"):
+                r[k] = r[k] == "True"
+        print(markdown(rows))
+        return
     exact = not args.no_exact
     rows = []
     for cc in sorted(set(GPUS.values()), reverse=True):
+        with_exact = exact and cc == 90  # exact mode (no target) for sm_90 only: slow to compile
         if "triton" in args.backends:
-            rows += triton_rows(cc, exact, None)
+            rows += triton_rows(cc, with_exact, None)
             if args.polynomial and tb.FAST_MATH:
-                rows += [r for r in triton_rows(cc, exact, False) if not r["exact"]]
+                rows += [r for r in triton_rows(cc, with_exact, False) if not r["exact"]]
         if "cuda" in args.backends:
-            rows += cuda_rows(cc, exact)
+            rows += cuda_rows(cc, with_exact)
     # one row per backend × pass: the sm_90 row takes the Orin columns of the sm_87 one
     merged = {}
     for r in rows:

@@ -510,18 +510,29 @@ def _pass_constexprs(dtype, distribution, update, stochastic, fused_next, exact,
 # Launch options. No multiply-add contraction: the update (θ + a·z)·decay − b·z must round like
 # the oracle's separate operations (Rademacher results are bit-identical to the oracle); the noise
 # polynomials use explicit tl.fma instead. At most 64 registers per thread: 32 resident warps per
-# SM at 8 warps per program. Passes that hold two seeds' noise (the fused step) or exact mode's
-# integer grid arithmetic spill when capped at 64; they are left uncapped (96-128 registers,
-# 16 warps per SM; see docs/performance.md).
+# SM at 8 warps per program. Passes that need more spill when capped at 64, so they get more
+# (see docs/performance.md): the fused step holds two seeds' noise (128: 16 warps per SM);
+# float16 stochastic rounding takes the float comparison (80: 24 warps per SM); exact mode's
+# integer grid arithmetic is left to ptxas.
 MAX_REGISTERS = 64
 
 
-def _launch_options(exact: bool, fused_next: bool) -> dict:
+def register_cap(dtype, stochastic: bool, fused_next: bool, exact: bool) -> int | None:
+    """The launch's register cap per thread (None: ptxas chooses)."""
+    if exact:
+        return None
+    if fused_next:
+        return 128  # left alone, ptxas chose 64 and spilled on sm_80
+    if stochastic and dtype == torch.float16:
+        return 80
+    return MAX_REGISTERS
+
+
+def _launch_options(dtype, stochastic, fused_next, exact) -> dict:
     options = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
-    if not (exact or fused_next):
-        options["maxnreg"] = MAX_REGISTERS
-    elif not exact:
-        options["maxnreg"] = 128  # left alone, ptxas chose 64 and spilled on sm_80
+    cap = register_cap(dtype, stochastic, fused_next, exact)
+    if cap is not None:
+        options["maxnreg"] = cap
     return options
 
 
@@ -579,10 +590,12 @@ def _launch(tensors, keys, offsets, seed, a, decay, b, distribution, update, sto
         by_dtype.setdefault(t.dtype, []).append(idx)
     device = tensors[0].device
     scalars = _scalar_arguments(seed, a, decay, b, next_seed, a_next, multiple)
-    options = {} if INTERPRET else _launch_options(exact, next_seed is not None and update)
     for dtype, idxs in by_dtype.items():
         table, total_blocks = _device_table(device, dtype, tensors, idxs, keys, offsets, exponents)
         grid = (_n_programs(device, total_blocks),)
+        options = {} if INTERPRET else _launch_options(
+            dtype, stochastic and update and dtype != torch.float32, next_seed is not None and update,
+            exact)
         _zo_pass_kernel[grid](
             table, len(idxs), *scalars,
             **_pass_constexprs(dtype, distribution, update, stochastic, next_seed is not None,
@@ -705,7 +718,8 @@ def _compile_here(spec) -> CompiledPass:
     table = torch.zeros((5, 2), dtype=torch.int64)
     scalars = _scalar_arguments(2**63 + 12345, 1e-3, 0.999, 1e-5, 2**40 + 7, 1e-3, 3)
     kwargs = dict(_pass_constexprs(dtype, distribution, update, stochastic, fused_next, exact,
-                                   fast_math, GPU_BLOCK), **_launch_options(exact, fused_next))
+                                   fast_math, GPU_BLOCK),
+                  **_launch_options(dtype, stochastic, fused_next, exact))
     kwargs.update(debug=False, instrumentation_mode=triton.knobs.compilation.instrumentation_mode,
                   fpsan_homomorphic_casts=triton.knobs.compilation.fpsan_homomorphic_casts)
     bound, specialization, options = binder(table, 2, *scalars, **kwargs)
