@@ -22,6 +22,8 @@ def _flag(name: str) -> bool:
 
 
 STRICT = _flag("FASTZO_STRICT_BUILD")
+# Headers the extension's sources include: a change rebuilds it.
+DEPENDS = ["noise_contract.h", "kernels.h", "cpu_simd.h", "cpu_simd_body.inc"]
 SKIP = _flag("FASTZO_SKIP_EXTENSION")
 
 
@@ -99,13 +101,13 @@ def _native_extension():
         extension = cpp_extension.CUDAExtension(
             "fastzo._C", sources, define_macros=define_macros, extra_compile_args=extra,
             extra_link_args=link_flags,
-            depends=[os.path.join(csrc, "noise_contract.h"), os.path.join(csrc, "kernels.h")],
+            depends=[os.path.join(csrc, name) for name in DEPENDS],
         )
     else:
         extension = cpp_extension.CppExtension(
             "fastzo._C", sources, define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
-            depends=[os.path.join(csrc, "noise_contract.h"), os.path.join(csrc, "kernels.h")],
+            depends=[os.path.join(csrc, name) for name in DEPENDS],
         )
 
     class BuildNativeExtension(cpp_extension.BuildExtension):

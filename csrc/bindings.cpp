@@ -187,8 +187,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("philox4x32_10", &fastzo::philox4x32_10, "counters"_a, "k0"_a, "k1"_a,
         "Philox4x32-10 of an int64 (..., 4) tensor of uint32 counters (known-answer tests).");
 
+  fastzo::select_cpu_variant_from_environment();
   m.def("cpu_kernel_isa", &fastzo::cpu_kernel_isa,
-        "The instruction set the CPU kernels were dispatched to on this machine.");
+        "The CPU kernel variant the passes use: avx512, avx2, neon or scalar (FASTZO_CPU_ISA "
+        "forces one when the module is loaded).");
+  m.def("cpu_kernel_variants", &fastzo::cpu_kernel_variants,
+        "The CPU kernel variants of this build that this CPU can run, widest first.");
+  m.def("_select_cpu_kernel_isa", &fastzo::select_cpu_variant, "name"_a,
+        "Switch the CPU kernel variant (tests; not thread-safe with a running pass).");
 
   m.def("cpu_last_pass_threads", &fastzo::cpu_last_pass_threads,
         "How many threads did work in the latest CPU pass (thread-count tests).");

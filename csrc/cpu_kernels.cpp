@@ -5,12 +5,11 @@
 // function of (seed, key, global index, its own value), so the output does not depend on the
 // number of threads or on how a tensor is sharded.
 //
-// Inside a chunk, blocks of kBlock elements are processed in two loops that the compiler
-// vectorises: one fills an L1-resident buffer with z (Philox and Box-Muller on whole vectors of
-// counters, with the branch-free float32 approximations of noise_contract.h), one applies the
-// pass to the weights. On x86-64 with GCC both loops are compiled three times (AVX-512, AVX2,
-// baseline SSE2) and the best one for the running CPU is picked at load time, so one build runs
-// everywhere and still uses wide vectors.
+// Inside a chunk, blocks of kBlock elements are processed in two steps: one fills L1-resident
+// buffers with z (and the stochastic-rounding values), one applies the pass to the weights. Both
+// come from a variant of cpu_simd.h (AVX-512, AVX2, NEON or the scalar reference, all giving the
+// same bits), chosen when the module is loaded: FASTZO_CPU_ISA if set, else the widest one the
+// CPU runs.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,183 +19,57 @@
 #include <algorithm>
 #include <atomic>
 #include <bitset>
+#include <cstdlib>
+#include <string>
 #include <cstdint>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "kernels.h"
 #include "noise_contract.h"
 
-// target_clones needs GCC and glibc's ifunc (musl has none).
+// target_clones needs GCC and glibc's ifunc (musl has none). Only the exact mode's loops use it;
+// the other passes have explicit vector variants (cpu_simd.h).
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) && \
     !defined(FASTZO_NO_MULTIVERSION)
 #if __GNUC__ >= 12
 #define FASTZO_MULTIVERSION \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define FASTZO_ISA_WIDE "x86-64-v4"
-#define FASTZO_ISA_MEDIUM "x86-64-v3"
 #else
 #define FASTZO_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#define FASTZO_ISA_WIDE "avx512f"
-#define FASTZO_ISA_MEDIUM "avx2"
 #endif
 #else
 #define FASTZO_MULTIVERSION
-#endif
-
-#if defined(__GNUC__)
-#define FASTZO_INLINE inline __attribute__((always_inline))
-#define FASTZO_RESTRICT __restrict__
-#else
-#define FASTZO_INLINE inline
-#define FASTZO_RESTRICT
 #endif
 
 namespace fastzo {
 namespace {
 
 using namespace contract;
+using cpu::ApplyArgs;
+using cpu::kBlock;
+using cpu::PassKind;
+using cpu::StorageKind;
+using cpu::Variant;
 
-// Noise is generated kBlock elements at a time into stack buffers that stay in L1.
-constexpr int64_t kBlock = 1024;
 // Unit of parallel work, in the global element index: independent of the thread count.
 constexpr int64_t kChunk = 16 * kBlock;
-static_assert(kBlock % kRademacherPerCall == 0, "a block must hold whole Philox groups");
 
-// ---------------------------------------------------------------------------------------------
-// Noise for one block: elements [block_start, block_start + kBlock) of a tensor, block_start a
-// multiple of kBlock. Group indices inside a block never cross a 2^32 boundary (kBlock / 4
-// divides 2^32), so the counter's high word is constant and the low word a plain uint32 loop.
+// The variant the passes use: FASTZO_CPU_ISA when the module is loaded (select_cpu_variant),
+// else the widest one this CPU runs. An invalid FASTZO_CPU_ISA is reported by every pass.
+std::atomic<const Variant*> current_variant{nullptr};
+std::string variant_error;  // written once, at load, before any pass
 
-FASTZO_MULTIVERSION void gaussian_block(float* FASTZO_RESTRICT z, uint64_t block_start,
-                                        uint32_t key, uint32_t seed_lo, uint32_t seed_hi) {
-  const uint64_t first_group = block_start / kGaussianPerCall;
-  const uint32_t group_lo = static_cast<uint32_t>(first_group);
-  const uint32_t group_hi = static_cast<uint32_t>(first_group >> 32);
-  for (int g = 0; g < kBlock / kGaussianPerCall; ++g) {
-    const PhiloxWords w =
-        philox_group(group_lo + g, group_hi, key, kStreamGaussian, seed_lo, seed_hi);
-    float z0, z1, z2, z3;
-    gaussian4(w, z0, z1, z2, z3);
-    z[4 * g + 0] = z0;
-    z[4 * g + 1] = z1;
-    z[4 * g + 2] = z2;
-    z[4 * g + 3] = z3;
-  }
+const Variant* variant_or_throw() {
+  const Variant* v = current_variant.load(std::memory_order_acquire);
+  TORCH_CHECK(v != nullptr, variant_error);
+  return v;
 }
 
-FASTZO_MULTIVERSION void rademacher_block(float* FASTZO_RESTRICT z, uint64_t block_start,
-                                          uint32_t key, uint32_t seed_lo, uint32_t seed_hi) {
-  const uint64_t first_group = block_start / kRademacherPerCall;
-  const uint32_t group_lo = static_cast<uint32_t>(first_group);
-  const uint32_t group_hi = static_cast<uint32_t>(first_group >> 32);
-  for (int g = 0; g < kBlock / kRademacherPerCall; ++g) {
-    const PhiloxWords w =
-        philox_group(group_lo + g, group_hi, key, kStreamRademacher, seed_lo, seed_hi);
-    for (int word = 0; word < 4; ++word) {
-      const uint32_t bits = word_at(w, word);
-      float* FASTZO_RESTRICT out = z + kRademacherPerCall * g + 32 * word;
-      for (int bit = 0; bit < 32; ++bit) out[bit] = rademacher(bits, bit);
-    }
-  }
-}
-
-// The stochastic-rounding comparison values (r + 1/2) 2^-16 of one block.
-FASTZO_MULTIVERSION void rounding_block(float* FASTZO_RESTRICT u, uint64_t block_start,
-                                        uint32_t key, uint32_t seed_lo, uint32_t seed_hi) {
-  const uint64_t first_group = block_start / kRoundingPerCall;
-  const uint32_t group_lo = static_cast<uint32_t>(first_group);
-  const uint32_t group_hi = static_cast<uint32_t>(first_group >> 32);
-  for (int g = 0; g < kBlock / kRoundingPerCall; ++g) {
-    const PhiloxWords w =
-        philox_group(group_lo + g, group_hi, key, kStreamRounding, seed_lo, seed_hi);
-    for (int h = 0; h < kRoundingPerCall; ++h) {
-      u[kRoundingPerCall * g + h] = rounding_uniform(rounding_half(w, h));
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Storage formats: float32 arithmetic on every dtype, 16-bit values handled as raw bits.
-
-struct Float32Storage {
-  using Element = float;
-  static FASTZO_INLINE float load(float v) { return v; }
-  static FASTZO_INLINE float store_nearest(float y) { return y; }
-  static FASTZO_INLINE float store_stochastic(float y, float) { return y; }
-};
-
-template <class Format>
-struct HalfStorage {
-  using Element = uint16_t;
-  static FASTZO_INLINE float load(uint16_t v) { return Format::to_float(v); }
-  static FASTZO_INLINE uint16_t store_nearest(float y) {
-    return static_cast<uint16_t>(Format::round_nearest(y));
-  }
-  static FASTZO_INLINE uint16_t store_stochastic(float y, float u) {
-    return static_cast<uint16_t>(round_stochastic<Format>(y, u));
-  }
-};
-
-enum class StorageKind { kFloat32, kBFloat16, kFloat16 };
-
-// What the apply loop does with an element: perturb, or update (optionally rounding
-// stochastically, optionally fused with the next step's perturbation).
-struct PassKind {
-  bool update, stochastic, next;
-};
-
-struct ApplyArgs {
-  void* data;            // first element to write
-  const float* z;        // its z
-  const float* u;        // its stochastic-rounding value (stochastic only)
-  const float* z_next;   // its z for the next seed (next only)
-  int64_t count;
-  float a, decay, b, a_next;
-};
-
-template <class Storage, bool kUpdate, bool kStochastic, bool kNext>
-FASTZO_INLINE void apply_loop(const ApplyArgs& args) {
-  auto* FASTZO_RESTRICT theta = static_cast<typename Storage::Element*>(args.data);
-  const float* FASTZO_RESTRICT z = args.z;
-  const float* FASTZO_RESTRICT u = args.u;
-  const float* FASTZO_RESTRICT z_next = args.z_next;
-  const float a = args.a, decay = args.decay, b = args.b, a_next = args.a_next;
-  for (int64_t i = 0; i < args.count; ++i) {
-    const float value = Storage::load(theta[i]);
-    float y = kUpdate ? restored_and_updated(value, a, decay, b, z[i]) : perturbed(value, a, z[i]);
-    if (kNext) y = updated_and_perturbed(y, a_next, z_next[i]);
-    theta[i] = kStochastic ? Storage::store_stochastic(y, u[i]) : Storage::store_nearest(y);
-  }
-}
-
-template <class Storage, bool kStochastic>
-FASTZO_INLINE void apply_update(PassKind pass, const ApplyArgs& args) {
-  if (pass.next) {
-    apply_loop<Storage, true, kStochastic, true>(args);
-  } else {
-    apply_loop<Storage, true, kStochastic, false>(args);
-  }
-}
-
-template <class Storage>
-FASTZO_INLINE void apply_storage(PassKind pass, const ApplyArgs& args) {
-  if (!pass.update) {
-    apply_loop<Storage, false, false, false>(args);
-  } else if (pass.stochastic) {
-    apply_update<Storage, true>(pass, args);
-  } else {
-    apply_update<Storage, false>(pass, args);
-  }
-}
-
-FASTZO_MULTIVERSION void apply_block(StorageKind storage, PassKind pass, const ApplyArgs& args) {
-  switch (storage) {
-    case StorageKind::kFloat32:
-      // float32 results are exact: stochastic rounding has nothing to round.
-      return apply_storage<Float32Storage>(PassKind{pass.update, false, pass.next}, args);
-    case StorageKind::kBFloat16: return apply_storage<HalfStorage<BFloat16Format>>(pass, args);
-    case StorageKind::kFloat16: return apply_storage<HalfStorage<Float16Format>>(pass, args);
-  }
+std::string variant_names() {
+  std::string names;
+  for (const Variant& v : cpu::kVariants) names += (names.empty() ? "" : ", ") + std::string(v.name);
+  return names;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -206,7 +79,7 @@ template <class Format, bool kUpdate, bool kStochastic, bool kNext>
 FASTZO_INLINE void exact_loop(const ApplyArgs& args, int32_t exponent, int32_t multiple) {
   auto* FASTZO_RESTRICT theta = static_cast<uint16_t*>(args.data);
   const float* FASTZO_RESTRICT z = args.z;
-  const float* FASTZO_RESTRICT u = args.u;
+  const uint16_t* FASTZO_RESTRICT r = args.r;
   const float* FASTZO_RESTRICT z_next = args.z_next;
   const Grid g = make_grid<Format>(exponent);
   const float a_q = mul_rn(args.a, g.inv_q), a_next_q = mul_rn(args.a_next, g.inv_q);
@@ -215,7 +88,7 @@ FASTZO_INLINE void exact_loop(const ApplyArgs& args, int32_t exponent, int32_t m
     const uint32_t h = theta[i];
     const uint32_t out =
         kUpdate ? exact_restored_and_updated<Format, kStochastic, kNext>(
-                      h, a_q, decay, b, z[i], kStochastic ? u[i] : 0.0f, a_next_q,
+                      h, a_q, decay, b, z[i], kStochastic ? rounding_uniform(r[i]) : 0.0f, a_next_q,
                       kNext ? z_next[i] : 0.0f, g)
                 : exact_perturbed(h, a_q, multiple, z[i], g);
     theta[i] = static_cast<uint16_t>(out);
@@ -276,19 +149,20 @@ StorageKind storage_kind(at::ScalarType dtype) {
   }
 }
 
-void noise_block(float* z, bool gaussian, uint64_t block_start, uint32_t key, uint32_t seed_lo,
-                 uint32_t seed_hi) {
+void noise_block(const Variant& v, float* z, bool gaussian, uint64_t block_start, uint32_t key,
+                 uint32_t seed_lo, uint32_t seed_hi) {
   if (gaussian) {
-    gaussian_block(z, block_start, key, seed_lo, seed_hi);
+    v.gaussian_block(z, block_start, key, seed_lo, seed_hi);
   } else {
-    rademacher_block(z, block_start, key, seed_lo, seed_hi);
+    v.rademacher_block(z, block_start, key, seed_lo, seed_hi);
   }
 }
 
 // Local elements [begin, end) of one tensor, all inside one chunk.
-void run_range(const TensorJob& job, int64_t begin, int64_t end, const PassConstants& c) {
+void run_range(const Variant& v, const TensorJob& job, int64_t begin, int64_t end,
+               const PassConstants& c) {
   alignas(64) float z[kBlock];
-  alignas(64) float u[kBlock];
+  alignas(64) uint16_t r[kBlock];
   alignas(64) float z_next[kBlock];
   const bool stochastic = c.pass.stochastic && job.storage != StorageKind::kFloat32;
   while (begin < end) {
@@ -296,16 +170,18 @@ void run_range(const TensorJob& job, int64_t begin, int64_t end, const PassConst
     const int64_t block_start = global - global % kBlock;
     const int64_t stop = std::min(end, block_start + kBlock - job.offset);
     const uint64_t start = static_cast<uint64_t>(block_start);
-    noise_block(z, c.gaussian, start, job.key, c.seed_lo, c.seed_hi);
-    if (stochastic) rounding_block(u, start, job.key, c.seed_lo, c.seed_hi);
-    if (c.pass.next) noise_block(z_next, c.gaussian, start, job.key, c.next_seed_lo, c.next_seed_hi);
+    noise_block(v, z, c.gaussian, start, job.key, c.seed_lo, c.seed_hi);
+    if (stochastic) v.rounding_block(r, start, job.key, c.seed_lo, c.seed_hi);
+    if (c.pass.next) {
+      noise_block(v, z_next, c.gaussian, start, job.key, c.next_seed_lo, c.next_seed_hi);
+    }
     const int64_t skip = global - block_start;
-    const ApplyArgs args{job.data + begin * job.element_size, z + skip, u + skip, z_next + skip,
+    const ApplyArgs args{job.data + begin * job.element_size, z + skip, r + skip, z_next + skip,
                          stop - begin, c.a, c.decay, c.b, c.a_next};
     if (c.exact) {
       exact_apply_block(job.storage, c.pass, args, job.exponent, c.multiple);
     } else {
-      apply_block(job.storage, c.pass, args);
+      v.apply_block(job.storage, c.pass, args);
     }
     begin = stop;
   }
@@ -319,6 +195,7 @@ std::atomic<uint64_t> last_pass_threads{0};
 }  // namespace
 
 void cpu_pass(const PassRequest& request) {
+  const Variant& variant = *variant_or_throw();
   check_request(request, c10::DeviceType::CPU);
   bump_versions(request);
   const size_t n = request.tensors.size();
@@ -365,7 +242,7 @@ void cpu_pass(const PassRequest& request) {
       const int64_t chunk = job->offset / kChunk + (item - job->first_item);
       const int64_t begin = std::max<int64_t>(0, chunk * kChunk - job->offset);
       const int64_t end = std::min<int64_t>(job->numel, (chunk + 1) * kChunk - job->offset);
-      run_range(*job, begin, end, constants);
+      run_range(variant, *job, begin, end, constants);
     }
   });
 }
@@ -383,18 +260,38 @@ bool cpu_openmp() {
 #endif
 }
 
-std::string cpu_kernel_isa() {
-#if defined(FASTZO_ISA_WIDE)
-  // The same test, in the same order, as the resolver of the target clones.
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports(FASTZO_ISA_WIDE)) return FASTZO_ISA_WIDE;
-  if (__builtin_cpu_supports(FASTZO_ISA_MEDIUM)) return FASTZO_ISA_MEDIUM;
-  return "x86-64 baseline";
-#elif defined(__aarch64__)
-  return "aarch64";
-#else
-  return "compiler default";
-#endif
+std::string cpu_kernel_isa() { return variant_or_throw()->name; }
+
+std::vector<std::string> cpu_kernel_variants() {
+  std::vector<std::string> names;
+  for (const Variant& v : cpu::kVariants) {
+    if (cpu::cpu_can_run(v)) names.emplace_back(v.name);
+  }
+  return names;
+}
+
+void select_cpu_variant(const std::string& name) {
+  const Variant* v = nullptr;
+  if (name.empty() || name == "auto") {
+    v = cpu::best_variant();
+  } else {
+    v = cpu::find_variant(name.c_str());
+    TORCH_CHECK(v != nullptr, "fastzo: FASTZO_CPU_ISA=", name, " is not a CPU kernel variant of "
+                "this build (it has ", variant_names(), "; or auto)");
+    TORCH_CHECK(cpu::cpu_can_run(*v), "fastzo: FASTZO_CPU_ISA=", name,
+                " needs instructions this CPU lacks; it runs ", cpu_kernel_variants());
+  }
+  current_variant.store(v, std::memory_order_release);
+}
+
+void select_cpu_variant_from_environment() {
+  const char* value = std::getenv("FASTZO_CPU_ISA");
+  try {
+    select_cpu_variant(value == nullptr ? "" : value);
+  } catch (const c10::Error& error) {
+    variant_error = error.what_without_backtrace();
+    current_variant.store(nullptr, std::memory_order_release);
+  }
 }
 
 at::Tensor philox4x32_10(const at::Tensor& counters, int64_t k0, int64_t k1) {

@@ -48,8 +48,18 @@ int64_t cpu_last_pass_threads();
 // than the calling thread (torch's OpenMP builds).
 bool cpu_openmp();
 
-// The instruction set the CPU kernels run with on this machine (for benchmarks and reports).
+// The CPU kernel variant the passes use ("avx512", "avx2", "neon" or "scalar").
 std::string cpu_kernel_isa();
+
+// The variants of this build that this CPU can run, widest first.
+std::vector<std::string> cpu_kernel_variants();
+
+// Makes the passes use variant `name` ("auto": the widest this CPU runs); throws if this build
+// lacks it or this CPU cannot run it.
+void select_cpu_variant(const std::string& name);
+
+// select_cpu_variant(FASTZO_CPU_ISA) at load; an invalid value is reported by every pass.
+void select_cpu_variant_from_environment();
 
 // Philox4x32-10 on an int64 (..., 4) tensor of uint32 values, for known-answer tests.
 at::Tensor philox4x32_10(const at::Tensor& counters, int64_t k0, int64_t k1);

@@ -47,6 +47,10 @@ def device_name(device: torch.device) -> str:
 
 def versions() -> str:
     parts = [f"torch {torch.__version__}"]
+    if "cpp" in available_backends():
+        from .backends import cpp_backend
+
+        parts.append(f"cpp kernels {cpp_backend.describe()}")
     try:
         import triton
 
@@ -317,6 +321,7 @@ def run(args) -> int:
                 bw = bench_pass(rec, backend, dt, n, dist, args.repeats, ceiling)
                 summary.append((backend, dt, n, dist, bw["perturb"], bw["restore_and_update"], ceiling))
     print(f"\nPasses on {device_name(device)} (GB/s of bytes read + written; ceiling = best in-place add or copy)")
+    print(f"kernels: {versions()}")
     print(f"{'backend':8} {'dtype':9} {'elements':>10} {'noise':10} {'perturb':>8} {'update':>8} {'ceiling':>8} {'share':>6}")
     for backend, dt, n, dist, p, u, c in summary:
         print(f"{backend:8} {dt:9} {n:>10.0e} {dist:10} {p:8.2f} {u:8.2f} {c:8.2f} {100 * p / c:5.0f}%")

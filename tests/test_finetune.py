@@ -192,3 +192,43 @@ def test_local_hugging_face_folder(tmp_path, kind, task):
 
     reloaded = transformers.AutoModel.from_pretrained(out / "mezo")  # saved with save_pretrained
     assert sum(p.numel() for p in reloaded.parameters()) > 0
+
+
+def test_bfloat16_mezo_rounds_stochastically(tmp_path):
+    data = write_data(tmp_path / "train.csv")
+    out, metrics = run(tmp_path, "--model", "tiny-bert", "--data", str(data), "--method", "mezo", "--steps", "3",
+                       "--lr", "1e-3", "--dtype", "bfloat16")
+    assert metrics["dtype"] == "bfloat16" and metrics["mezo"]["steps"] == 3
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "mezo" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    spec = finetune.resolve_model("tiny-bert", "auto", 2, None, finetune.DEFAULT_TEMPLATE, 0)
+    start = finetune.build_model(spec).to(torch.bfloat16).state_dict()
+    changed = sum((saved[n] != v).sum().item() for n, v in start.items() if n in saved)
+    assert changed > 0  # updates below half an ulp survive through stochastic rounding
+
+
+
+def _mpnet_cached():
+    try:
+        assets.mpnet_path(download=False)
+    except assets.AssetUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _mpnet_cached(), reason="all-mpnet-base-v2 not fetched "
+                                                "(python -m fastzo.integrations.assets all-mpnet-base-v2)")
+def test_mpnet_is_a_named_model():
+    spec = finetune.resolve_model("all-mpnet-base-v2", "auto", 2, None, finetune.DEFAULT_TEMPLATE, 0,
+                                  download=False)
+    assert spec.task == "embedding" and spec.source == "named"
+    model = finetune.build_model(spec).eval()  # no dropout
+    assert sum(p.numel() for p in model.encoder.parameters()) == 109_486_464
+    ids = finetune.encode_all(spec, ["a wonderful, moving film", "a dull, tedious mess"], 64)
+    batch = finetune.collate(ids, [1, 0], spec.tokenizer.pad_id, torch.device("cpu"))
+    task = finetune.Task(spec.task, model)
+    with torch.no_grad():
+        assert task.logits(batch).argmax(-1).tolist() == [1, 0]  # zero-shot from the descriptions

@@ -12,7 +12,7 @@ import torch
 NAME = "cpp"
 
 # Must match contract::kAbiVersion in csrc/noise_contract.h: a stale build is refused.
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 _extension = None
 _load_error: BaseException | None = None
@@ -49,6 +49,21 @@ def load_extension():
 
 def check_available() -> None:
     load_extension()
+
+
+def kernel_variant() -> str:
+    """The CPU kernel variant the passes use: "avx512", "avx2", "neon" or "scalar" (the widest
+    this CPU runs, or the one FASTZO_CPU_ISA forced when the extension was loaded)."""
+    return load_extension().cpu_kernel_isa()
+
+
+def describe() -> str:
+    """e.g. "avx512 (this CPU runs avx512, avx2, scalar)", or why the extension is unusable."""
+    try:
+        ext = load_extension()
+        return f"{ext.cpu_kernel_isa()} (this CPU runs {', '.join(ext.cpu_kernel_variants())})"
+    except Exception as exc:  # a stale build, or an invalid FASTZO_CPU_ISA
+        return f"unavailable: {exc}"
 
 
 def supports_device(device: torch.device) -> bool:
