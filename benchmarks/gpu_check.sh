@@ -13,7 +13,8 @@ set -uo pipefail
 OUT=${OUT:-runs/gpu}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 FASTZO_TEST_GPU=1
+# FASTZO_STRICT_BUILD for the build and for the tests (the strict-build test runs, not skips)
+export HF_HUB_OFFLINE=1 FASTZO_TEST_GPU=1 FASTZO_STRICT_BUILD=1
 : > "$OUT/status.txt"
 failed=0
 step() {  # step NAME COMMAND...: run, record the exit status, keep going

@@ -16,6 +16,8 @@ SCRIPT = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
 def test_builds_strictly_and_requires_the_cuda_extension():
     install = next(line for line in SCRIPT.splitlines() if "pip install" in line)
     assert "FASTZO_STRICT_BUILD=1" in install
+    # exported for the tests too, so the strict-build test runs instead of skipping
+    assert re.search(r"^export .*\bFASTZO_STRICT_BUILD=1\b", SCRIPT, re.M)
     assert "_C.HAS_CUDA" in SCRIPT and "torch.cuda.is_available()" in SCRIPT
     assert re.search(r"^exit \$failed$", SCRIPT, re.M)  # any failed step fails the run
 
