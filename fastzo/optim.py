@@ -479,7 +479,8 @@ class MeZO(torch.optim.Optimizer):
         if self.estimator == "forward":
             base = self._evaluate(closure)
             [base] = self._reduce_losses([base])
-            self._check_finite([base])
+            if not self._check_finite([base]):
+                return None
         for d, seed in enumerate(seeds):
             last = d == q - 1
             if d == 0 and pending is not None:
@@ -622,8 +623,8 @@ class MeZO(torch.optim.Optimizer):
         mezo = state_dict.pop("mezo", None)
         if mezo is None:
             raise ValueError("not a fastzo.MeZO state dict (no 'mezo' entry)")
-        saved, now = mezo.get("layouts"), self._layouts()
-        if saved is not None and saved != now:
+        saved, now = mezo.get("layouts", "unrecorded"), self._layouts()
+        if saved != "unrecorded" and saved != now:  # None: every parameter row-major
             raise ValueError(_layout_message("the checkpoint", saved, now))
         self._pending = None  # whatever the current weights held is replaced by the loaded ones
         super().load_state_dict(state_dict)

@@ -70,3 +70,59 @@ def test_bench_without_matplotlib_and_tqdm_keeps_the_table_and_csv(tmp_path):
     assert "plot skipped: matplotlib is not installed" in run.stdout
     assert "cpp" in run.stdout and (tmp_path / "out" / "bench.csv").exists()
     assert not (tmp_path / "out" / "passes.png").exists()
+
+
+# ------------------------------------------------------------------------- fastzo finetune
+FINETUNE_ERRORS = [
+    (["--lr", "-1"], "--lr"), (["--eps", "0"], "--eps"), (["--backend", "bogus"], "'bogus'"),
+    (["--steps", "-1"], "--steps"), (["--batch-size", "0"], "--batch-size"),
+    (["--weight-decay", "nan"], "--weight-decay"), (["--threads", "0"], "--threads"),
+]
+if not torch.cuda.is_available():
+    FINETUNE_ERRORS += [(["--device", "cuda"], "no CUDA GPU"), (["--backend", "cuda"], "'cuda'")]
+
+
+@pytest.mark.parametrize("args,fragment", FINETUNE_ERRORS, ids=[" ".join(a) for a, _ in FINETUNE_ERRORS])
+def test_finetune_refuses_bad_arguments_in_one_line(args, fragment, tmp_path):
+    assert_one_line_error(fastzo_cmd("finetune", *args, "--no-download", tmp_path=tmp_path),
+                          "fastzo finetune", fragment)
+
+
+def write(path, text, bom=False):
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return path
+
+
+def test_csv_labels_one_and_two_are_two_classes(tmp_path, capsys):
+    from fastzo.finetune import load_data
+
+    data = load_data(str(write(tmp_path / "d.csv", "text,label\ngood,2\nbad,1\nfine,2\n")))
+    assert data.labels == [1, 0, 1] and data.label_names == ["1", "2"]
+    assert "labels 1, 2 are taken as classes 0..1" in capsys.readouterr().err
+    data = load_data(str(write(tmp_path / "e.csv", "text,label\ngood,1\nbad,0\n")))
+    assert data.labels == [1, 0] and data.label_names == ["0", "1"]
+
+
+def test_a_blank_label_is_an_error_that_names_its_line(tmp_path):
+    from fastzo.finetune import load_data
+
+    path = write(tmp_path / "d.csv", "text,label\ngood,1\nbad, \nfine,0\n")
+    with pytest.raises(ValueError, match=r"1 example\(s\) have no label \(line 3\)"):
+        load_data(str(path))
+    path = write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": null}\n')
+    with pytest.raises(ValueError, match=r"line 2"):
+        load_data(str(path))
+    run = fastzo_cmd("finetune", "--data", str(tmp_path / "d.csv"), "--no-download", tmp_path=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "have no label (line 3)" in run.stderr.strip().splitlines()[-1]
+
+
+def test_a_utf8_file_with_a_byte_order_mark_reads_like_one_without(tmp_path):
+    from fastzo.finetune import load_data
+
+    plain = load_data(str(write(tmp_path / "a.csv", "text,label\nbon,pos\nmauvais,neg\n")))
+    excel = load_data(str(write(tmp_path / "b.csv", "text,label\nbon,pos\nmauvais,neg\n", bom=True)))
+    assert (excel.texts, excel.labels, excel.label_names) == (plain.texts, plain.labels, plain.label_names)
+    lines = '{"text": "bon", "label": "pos"}\n{"text": "mal", "label": "neg"}\n'
+    jsonl = load_data(str(write(tmp_path / "c.jsonl", lines, bom=True)))
+    assert jsonl.label_names == ["neg", "pos"]

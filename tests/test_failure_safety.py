@@ -389,3 +389,26 @@ def test_auto_selection_on_cpu_never_picks_the_triton_interpreter(monkeypatch):
         monkeypatch.setattr(module, "perturb_", lambda *a, _n=name, _f=original, **k: calls.append(_n) or _f(*a, **k))
     fastzo.perturb_([torch.zeros(10)], seed=1, scale=1.0)
     assert calls == [pick_backend(torch.device("cpu"))]
+
+
+def test_forward_estimator_skips_a_nonfinite_base_loss():
+    model, closure = model_and_data()
+    opt = fastzo.MeZO(model.parameters(), lr=1e-2, backend=BACKEND, estimator="forward",
+                      on_nonfinite="skip")
+    before = flat(model).clone()
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        assert opt.step(failing_on(closure, 1, "nan")) is None
+    assert torch.equal(flat(model), before) and opt.step_count == 0
+
+
+def test_a_checkpoint_resumes_only_into_the_same_memory_format():
+    net = conv_net().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 9, 9)
+    opt = fastzo.MeZO(net.parameters(), lr=1e-2, backend=BACKEND)
+    opt.step(lambda: net(x).pow(2).mean())
+    state = opt.state_dict()
+    contiguous = conv_net()
+    with pytest.raises(ValueError, match="memory format"):
+        fastzo.MeZO(contiguous.parameters(), lr=1e-2, backend=BACKEND).load_state_dict(state)
+    same = conv_net().to(memory_format=torch.channels_last)
+    fastzo.MeZO(same.parameters(), lr=1e-2, backend=BACKEND).load_state_dict(state)

