@@ -558,17 +558,24 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
               f"Predicted = the cell's measured RSS before its model (imports, tokenizer, data) + {runtime:.0f} MiB "
               "that the compute libraries add once a model has run (measured with a 2-layer toy encoder in fresh "
               "processes, median of three) + the model's terms at batch 16 and length 64 (the longest a batch "
-              "can be). Measured = the peak RSS (VmHWM) over a cell's training steps.", "",
+              "can be). Measured = the peak RSS (VmHWM) over a cell's training steps, averaged over its cells "
+              "(learning-rate selection runs included; n = cells).", "",
               "| cell | measured peak RSS MiB | baseline + libraries MiB | predicted MiB | error |",
               "|---|---|---|---|---|"]
+    per_cell: dict = {}  # every cell, selection runs included: (variant, cell) -> (peak, baseline)
+    for r in rows:
+        if r["peak_rss_mib"] and int(r["step"]) > 0:
+            key = (_variant(r), r["cell"])
+            peak = max(per_cell.get(key, (0.0, 0.0))[0], float(r["peak_rss_mib"]))
+            per_cell[key] = (peak, float(r["baseline_rss_mib"] or 0.0))
     for variant in order:
-        entries = [table[(t, variant)] for t in tasks if (t, variant) in table and table[(t, variant)]["peaks"]]
-        if not entries:
+        cells = [v for (var, _), v in per_cell.items() if var == variant]
+        if not cells:
             continue
-        peaks = [v for e in entries for v in e["peaks"].values()]
-        bases = [v for e in entries for v in e["baselines"].values()]
+        peaks = [c[0] for c in cells]
+        bases = [c[1] for c in cells]
         measured = sum(peaks) / len(peaks)
-        base = sum(bases) / len(bases) if bases else 0.0
+        base = sum(bases) / len(bases)
         dtype = variant[2] if len(variant) > 2 else "float32"
         predicted = predicted_peak_mib(variant[0], variant[1], dtype, base + runtime)
         err = f"{100 * (predicted - measured) / measured:+.1f} %" if predicted else "–"
