@@ -141,7 +141,10 @@ def finetune_share(steps: int, threads: int, extension, out: Path) -> dict:
 
 
 def machine_report() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs (lscpu not available)"
     keep = ("Model name", "CPU(s):", "Thread(s) per core", "Core(s) per socket", "L1d", "L2", "L3",
             "Hypervisor", "Flags")
     lines = [line for line in lscpu.splitlines() if line.strip().startswith(keep)]
@@ -206,7 +209,9 @@ def main(argv=None):
                 for threads in sorted({1, max(thread_counts)}):
                     finetune[(label, threads)] = finetune_share(args.finetune_steps, threads, ext,
                                                                 Path(tmp) / f"{label}-{threads}")
-                    print(f"  finetune {label} threads={threads}: {finetune[(label, threads)]}", flush=True)
+                    run = finetune[(label, threads)]
+                    print(f"  finetune {label} threads={threads}: {run['seconds_per_step']} s/step, "
+                          f"{100 * run['perturb_share']:.1f} % outside the forwards", flush=True)
 
     load_end = os.getloadavg()
     device = (f"cpu: {cpu_name()}, {os.cpu_count()} cores, load {load_start[0]:.2f}->{load_end[0]:.2f}")

@@ -217,3 +217,26 @@ def test_neon_variant_under_emulation(tmp_path):
                            capture_output=True, text=True, timeout=600)
     print(bound.stdout)
     assert bound.returncode == 0 and "neon random" in bound.stdout, bound.stdout
+
+
+def test_pass_benchmark_runs_and_reports(tmp_path):
+    """benchmarks/bench_cpp.py end to end on tiny sizes, with this build as its own baseline."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_cpp
+    finally:
+        sys.path.pop(0)
+    out, summary = tmp_path / "passes.csv", tmp_path / "passes.md"
+    threads = torch.get_num_threads()
+    try:
+        bench_cpp.main(["--sizes", "5000", "--threads", "1", "--rounds", "2", "--dtypes", "bfloat16",
+                        "--baseline", _C().__file__, "--out", str(out), "--summary", str(summary)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = list(__import__("csv").DictReader(open(out)))
+    cases = {(r["benchmark"], r["backend"]) for r in rows}
+    assert {("add_", "torch"), ("randn", "torch"), ("update_sr_gaussian", "cpp"),
+            ("perturb_rademacher", "cpp-before")} <= cases
+    assert all(float(r["median"]) > 0 for r in rows)
+    text = summary.read_text()
+    assert "Ratios" in text and "update_sr / perturb" in text and "load average" in text
