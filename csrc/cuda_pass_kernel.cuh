@@ -15,6 +15,11 @@
 
 #include "noise_contract.h"
 
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 namespace fastzo {
 namespace gpu {
 
@@ -25,6 +30,41 @@ constexpr int kTableColumns = 5;  // address, numel, key, offset, first vector
 constexpr int kExactTableColumns = 6;  // exact mode: + log2 of the tensor's quantum
 
 enum StorageCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// bfloat16 on the device: round to nearest even with the hardware conversion (one cvt instead of
+// five integer operations; NaN stored as the contract's 0x7FC0), and the
+// contract's stochastic rounding in integers: the neighbour towards zero is |y|'s top 16 bits
+// and the fraction of the gap is exactly low16 / 2^16, so "u < fraction" is "r < low16"; from
+// 0x7F7F0000 on the next value away is inf (or y is inf/NaN) and y rounds to nearest. The same
+// decision as round_stochastic<BFloat16Format> for every float32 pattern (the emulation tests
+// compare it with the cpp backend bit for bit); about 38 instructions per element fewer on sm_90.
+__device__ __forceinline__ uint32_t bf16_round_nearest(float y) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t rounded = __bfloat16_as_ushort(__float2bfloat16_rn(y));
+  return is_nan_f(y) ? 0x7FC0u : rounded;
+#else
+  return BFloat16Format::round_nearest(y);
+#endif
+}
+
+// float16 on the device: round to nearest even with the hardware conversion; NaN stored as c10
+// stores it (sign | 0x7E00), as Float16Format::round_nearest does on the host.
+__device__ __forceinline__ uint32_t f16_round_nearest(float y) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t rounded = __half_as_ushort(__float2half_rn(y));
+  return is_nan_f(y) ? (((float_bits(y) >> 16) & 0x8000u) | 0x7E00u) : rounded;
+#else
+  return Float16Format::round_nearest(y);
+#endif
+}
+
+__device__ __forceinline__ uint32_t bf16_round_stochastic(float y, uint32_t r) {
+  const uint32_t b = float_bits(y);
+  const uint32_t magnitude = b & 0x7FFFFFFFu;
+  const uint32_t chosen =
+      ((magnitude >> 16) + (r < (magnitude & 0xFFFFu) ? 1u : 0u)) | ((b >> 16) & 0x8000u);
+  return magnitude >= 0x7F7F0000u ? bf16_round_nearest(y) : chosen;
+}
 
 struct PassConstants {
   uint32_t seed_lo, seed_hi, next_seed_lo, next_seed_hi;
@@ -39,7 +79,7 @@ struct Float32Bits {
   static constexpr bool kIs16Bit = false;
   __device__ static float to_float(uint32_t bits) { return bits_float(bits); }
   __device__ static uint32_t nearest(float y) { return float_bits(y); }
-  __device__ static uint32_t stochastic(float y, float) { return float_bits(y); }
+  __device__ static uint32_t stochastic(float y, uint32_t) { return float_bits(y); }
 };
 
 template <class Format>
@@ -48,9 +88,23 @@ struct Half16Bits {
   using StorageFormat = Format;
   static constexpr int kVector = 8;
   static constexpr bool kIs16Bit = true;
-  __device__ static float to_float(uint32_t bits) { return Format::to_float(bits); }
-  __device__ static uint32_t nearest(float y) { return Format::round_nearest(y); }
-  __device__ static uint32_t stochastic(float y, float u) { return round_stochastic<Format>(y, u); }
+  static constexpr bool kBFloat16 = Format::kMantissaBits == 7;
+  __device__ static float to_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+    // float16: the hardware conversion (exact, one instruction instead of about ten)
+    if constexpr (!kBFloat16) return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+#endif
+    return Format::to_float(bits);
+  }
+  __device__ static uint32_t nearest(float y) {
+    if constexpr (kBFloat16) return bf16_round_nearest(y);
+    return f16_round_nearest(y);
+  }
+  // r: the element's 16 stochastic-rounding bits
+  __device__ static uint32_t stochastic(float y, uint32_t r) {
+    if constexpr (kBFloat16) return bf16_round_stochastic(y, r);
+    return round_stochastic<Format>(y, rounding_uniform(r));
+  }
 };
 
 // z for the kVector elements from global index `first` (a multiple of kVector; kVector divides
@@ -80,7 +134,7 @@ __device__ __forceinline__ void vector_noise(float (&z)[kVector], int64_t first,
 }
 
 template <int kVector>
-__device__ __forceinline__ void vector_rounding(float (&u)[kVector], int64_t first, uint32_t key,
+__device__ __forceinline__ void vector_rounding(uint32_t (&r)[kVector], int64_t first, uint32_t key,
                                                 uint32_t seed_lo, uint32_t seed_hi) {
   static_assert(kVector <= kRoundingPerCall, "one rounding call per vector");
   const uint64_t group = static_cast<uint64_t>(first) / kRoundingPerCall;
@@ -89,26 +143,26 @@ __device__ __forceinline__ void vector_rounding(float (&u)[kVector], int64_t fir
                                      seed_lo, seed_hi);
   const int within = static_cast<int>(first % kRoundingPerCall);
 #pragma unroll
-  for (int j = 0; j < kVector; ++j) u[j] = rounding_uniform(rounding_half(w, within + j));
+  for (int j = 0; j < kVector; ++j) r[j] = rounding_half(w, within + j);
 }
 
 template <class Storage, bool kUpdate, bool kStochastic, bool kNext>
-__device__ __forceinline__ uint32_t element_result(uint32_t bits, float z, float u, float z_next,
-                                                   const PassConstants& c) {
+__device__ __forceinline__ uint32_t element_result(uint32_t bits, float z, uint32_t r,
+                                                   float z_next, const PassConstants& c) {
   const float theta = Storage::to_float(bits);
   float y = kUpdate ? restored_and_updated(theta, c.a, c.decay, c.b, z) : perturbed(theta, c.a, z);
   if (kNext) y = updated_and_perturbed(y, c.a_next, z_next);
-  return kStochastic ? Storage::stochastic(y, u) : Storage::nearest(y);
+  return kStochastic ? Storage::stochastic(y, r) : Storage::nearest(y);
 }
 
 // Exact mode (16-bit only): integer steps on the tensor's grid g (noise_contract.h).
 template <class Storage, bool kUpdate, bool kStochastic, bool kNext>
-__device__ __forceinline__ uint32_t exact_element_result(uint32_t bits, float z, float u,
+__device__ __forceinline__ uint32_t exact_element_result(uint32_t bits, float z, uint32_t r,
                                                          float z_next, const PassConstants& c,
                                                          const Grid& g, float a_q, float a_next_q) {
   if (kUpdate) {
     return exact_restored_and_updated<typename Storage::StorageFormat, kStochastic, kNext>(
-        bits, a_q, c.decay, c.b, z, u, a_next_q, z_next, g);
+        bits, a_q, c.decay, c.b, z, rounding_uniform(r), a_next_q, z_next, g);
   }
   return exact_perturbed(bits, a_q, c.multiple, z, g);
 }
@@ -151,10 +205,11 @@ __global__ void __launch_bounds__(kThreads)
     for (; v < n_vectors; v += stride) {
       const int64_t first = offset - lead + v * kVector;
       const int64_t local = first - offset;  // negative for a partial first vector
-      float z[kVector], u[kVector], z_next[kVector];
+      float z[kVector], z_next[kVector];
+      uint32_t r[kVector];
       vector_noise<kVector, kGaussian>(z, first, key, c.seed_lo, c.seed_hi);
       if (kNext) vector_noise<kVector, kGaussian>(z_next, first, key, c.next_seed_lo, c.next_seed_hi);
-      if (kStochastic) vector_rounding<kVector>(u, first, key, c.seed_lo, c.seed_hi);
+      if (kStochastic) vector_rounding<kVector>(r, first, key, c.seed_lo, c.seed_hi);
       const bool whole = local >= 0 && local + kVector <= numel &&
                          reinterpret_cast<uintptr_t>(data + local) % 16 == 0;
       if (whole) {
@@ -169,9 +224,9 @@ __global__ void __launch_bounds__(kThreads)
           uint32_t result;
           if constexpr (kExact) {
             result = exact_element_result<Storage, kUpdate, kStochastic, kNext>(
-                bits, z[j], u[j], z_next[j], c, grid, a_q, a_next_q);
+                bits, z[j], r[j], z_next[j], c, grid, a_q, a_next_q);
           } else {
-            result = element_result<Storage, kUpdate, kStochastic, kNext>(bits, z[j], u[j],
+            result = element_result<Storage, kUpdate, kStochastic, kNext>(bits, z[j], r[j],
                                                                            z_next[j], c);
           }
           out[j / kPerWord] |= result << shift;
@@ -184,10 +239,10 @@ __global__ void __launch_bounds__(kThreads)
           if (i < 0 || i >= numel) continue;
           if constexpr (kExact) {
             data[i] = static_cast<Element>(exact_element_result<Storage, kUpdate, kStochastic, kNext>(
-                data[i], z[j], u[j], z_next[j], c, grid, a_q, a_next_q));
+                data[i], z[j], r[j], z_next[j], c, grid, a_q, a_next_q));
           } else {
             data[i] = static_cast<Element>(element_result<Storage, kUpdate, kStochastic, kNext>(
-                data[i], z[j], u[j], z_next[j], c));
+                data[i], z[j], r[j], z_next[j], c));
           }
         }
       }

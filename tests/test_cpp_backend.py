@@ -506,6 +506,24 @@ def test_emulated_cuda_kernel_does_not_depend_on_the_grid(emulated_cuda_kernel, 
         assert torch.equal(got, want)
 
 
+@needs_cpp
+def test_emulated_cuda_kernel_stochastic_bf16_edges_equal_cpp(emulated_cuda_kernel, gen):
+    """The CUDA kernel's integer stochastic rounding for bfloat16 against cpp's float rule on
+    extreme values: largest finite (the next value away is inf), inf, NaN, subnormals, zeros."""
+    edges = torch.tensor([3.3895e38, -3.3895e38, 3.38e38, float("inf"), float("-inf"), float("nan"),
+                          1e-39, -1e-39, 9.2e-41, 0.0, -0.0, 1.0, -1.0], dtype=torch.float32)
+    w = torch.cat([edges.repeat(64), random_weights(3000, torch.float32, gen)]).to(torch.bfloat16)
+    expected = w.clone()
+    seed, lr, g, wd = 99, 1e-3, 0.6, 0.0
+    step = fastzo.ops.as_float32(lr * g, "step")
+    fastzo.restore_and_update_([expected], seed, EPS, lr, g, wd, keys=[4], stochastic_rounding=True,
+                               distribution="rademacher", backend="cpp")
+    emulated_cuda_kernel([w], [4], [0], seed, "rademacher", update=True, a=EPS, decay=1.0,
+                         b=step, stochastic=True)
+    bits = lambda t: t.view(torch.int16)  # noqa: E731  (NaN compares by bits)
+    assert torch.equal(bits(w), bits(expected))
+
+
 # --- CUDA ------------------------------------------------------------------------------------
 
 def _cuda_available():

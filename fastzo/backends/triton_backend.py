@@ -8,7 +8,11 @@ tensors costs one launch per dtype, not one per tensor.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import os
+import re
 
 import torch
 
@@ -26,9 +30,19 @@ else:
     _IMPORT_ERROR = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# The interpreter pays per program and per block, not per element: large blocks keep it fast.
-BLOCK = 65536 if INTERPRET else 4096
+# Elements per program on a GPU: 2048 at 8 warps is 8 per thread, 128-bit accesses for float32
+# (two for 16-bit), and keeps every pass at or below 64 registers (4096 took 142-165, one
+# 256-thread block per SM). The interpreter pays per program and per block, not per element:
+# large blocks keep it fast.
+GPU_BLOCK = 2048
+BLOCK = 65536 if INTERPRET else GPU_BLOCK
 NUM_WARPS = 8
+# Fast math: hardware sin.approx / cos.approx for the Box–Muller angle of the plain (not exact)
+# Gaussian passes, |Δz| ≤ 4.5e-6 (docs/noise.md, "Fast math"). On by default, chosen from the
+# static model (docs/performance.md): bf16/fp16 Gaussian perturb 81 → 100 % of H100 copy
+# bandwidth, with stochastic rounding 59 → 66 %; float32 passes are at 100 % either way.
+# FASTZO_FAST_MATH=0 turns it off.
+FAST_MATH = os.environ.get("FASTZO_FAST_MATH", "1") != "0"
 
 
 def check_available() -> None:
@@ -43,6 +57,7 @@ def supports_device(device: torch.device) -> bool:
 
 
 if triton is not None:
+    INTERPRET_CONST = tl.constexpr(INTERPRET)
 
     @triton.jit
     def _philox(c0, c1, c2, c3, k0, k1):
@@ -66,36 +81,110 @@ if triton is not None:
         c3 = c0 * 0 + stream
         return _philox(c0, c1, c2, c3, k0, k1)
 
+    # Box–Muller as in csrc/noise_contract.h (log_uniform24, sincos_2pi_uniform24): short
+    # polynomials on arguments reduced exactly from the 24-bit integer. libdevice's accurate logf,
+    # division and sinf/cosf cost about 87 instructions per element on sm_90 where these cost 49;
+    # the error against the float64 oracle stays below 1e-6 (the contract allows 2e-5).
     @triton.jit
     def _log_uniform24(x):
-        """ln u for u = (k + 0.5)·2**-24, k = x >> 8, accurate near u = 1.
+        """ln u for u = (k + 0.5)·2**-24, k = x >> 8, to about one ulp over the whole range.
 
-        For k ≥ 2**23, k + 0.5 needs 25 bits and float32 rounds u (to 1 at the top), so there
-        ln u = ln(k·2**-24) + ln(1 + 0.5/k) ≈ ln(k·2**-24) + 0.5/k, both terms exact enough.
+        u = n·2**-25 with n = 2k + 1 odd; n = 2**e·(1 + f) with f exact in float32, then Cephes'
+        log1p polynomial and ln 2 in two parts. float32 cannot hold u itself for u ≥ 1/2.
         """
-        k = (x >> 8).to(tl.float32)
-        direct = tl.log((k + 0.5) * 5.9604644775390625e-08)
-        near_one = tl.log(k * 5.9604644775390625e-08) + 0.5 / tl.maximum(k, 1.0)
-        return tl.where(k >= 8388608.0, near_one, direct)
+        k = (x >> 8).to(tl.int32)
+        n = 2 * k + 1
+        e = (n.to(tl.float32).to(tl.int32, bitcast=True) - 0x3F3504F3) >> 23  # sqrt(1/2)
+        inv_pow2 = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
+        f = tl.fma(k.to(tl.float32), 2.0 * inv_pow2, -1.0) + inv_pow2  # exact
+        exponent = (e - 25).to(tl.float32)
+        f2 = f * f
+        p = tl.fma(tl.full(f.shape, 7.0376836292e-2, tl.float32), f, -1.1514610310e-1)
+        p = tl.fma(p, f, 1.1676998740e-1)
+        p = tl.fma(p, f, -1.2420140846e-1)
+        p = tl.fma(p, f, 1.4249322787e-1)
+        p = tl.fma(p, f, -1.6668057665e-1)
+        p = tl.fma(p, f, 2.0000714765e-1)
+        p = tl.fma(p, f, -2.4999993993e-1)
+        p = tl.fma(p, f, 3.3333331174e-1)
+        # the last steps fused too (one instruction each instead of two; every one of them
+        # rounds at most once, so the error only shrinks)
+        y = tl.fma(exponent, -2.12194440e-4, p * f * f2)
+        y = tl.fma(f2, -0.5, y)
+        return tl.fma(exponent, 0.693359375, f + y)
 
     @triton.jit
-    def _uniform24(x):
-        return ((x >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24
+    def _sincos_2pi_uniform24(x, HW_TRIG: tl.constexpr):
+        """sin and cos of 2π·u, u = (k + 0.5)·2**-24, k = x >> 8.
+
+        Default: quarter turns taken off the integer (exact), Cephes polynomials on [−π/4, π/4].
+        HW_TRIG (fast math): the angle reduced exactly to [−π, π] and the hardware's sin.approx /
+        cos.approx (absolute error ≤ 2**-20.5 there, per the PTX ISA).
+        """
+        k = (x >> 8).to(tl.int32)
+        if HW_TRIG:
+            rem = k - ((k >> 23) << 24)  # [−2**23, 2**23): u − round(u) in units of 2**-24
+            angle = (rem.to(tl.float32) + 0.5) * 3.7450702829239286e-07  # 2π·2**-24
+            s, c = _hw_sincos(angle)
+        else:
+            q = (k + (1 << 21)) >> 22  # nearest quarter turn, 0..4 (never a tie)
+            rem = k - (q << 22)  # [−2**21, 2**21)
+            r = (rem.to(tl.float32) + 0.5) * 2.384185791015625e-07  # exact, ·2**-22
+            a = r * 1.5707963267948966
+            a2 = a * a
+            sp = tl.fma(tl.full(a2.shape, -1.9515295891e-4, tl.float32), a2, 8.3321608736e-3)
+            sp = tl.fma(sp, a2, -1.6666654611e-1)
+            sp = tl.fma(sp * a2, a, a)
+            cp = tl.fma(tl.full(a2.shape, 2.443315711809948e-5, tl.float32), a2, -1.388731625493765e-3)
+            cp = tl.fma(cp, a2, 4.166664568298827e-2)
+            cp = tl.fma(cp * a2, a2, tl.fma(a2, -0.5, 1.0))
+            odd = (q & 1) != 0
+            s_base = tl.where(odd, cp, sp)
+            c_base = tl.where(odd, sp, cp)
+            s = (s_base.to(tl.int32, bitcast=True) ^ ((q & 2) << 30)).to(tl.float32, bitcast=True)
+            c = (c_base.to(tl.int32, bitcast=True) ^ (((q + 1) & 2) << 30)).to(tl.float32,
+                                                                                bitcast=True)
+        return s, c
 
     @triton.jit
-    def _noise_block(start, key, k0, k1, BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr):
+    def _hw_sincos(angle):
+        if INTERPRET_CONST:
+            return tl.sin(angle), tl.cos(angle)  # the interpreter has no PTX: numpy's float32
+        else:
+            s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [angle],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+            c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [angle],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+            return s, c
+
+    @triton.jit
+    def _gaussian4(group, key, k0, k1, HW_TRIG: tl.constexpr):
+        """The four Gaussian z of each Philox call `group`, in element order 4·group + 0..3."""
+        x0, x1, x2, x3 = _philox_groups(group, key, 0, k0, k1)
+        r_a = tl.sqrt(-2.0 * _log_uniform24(x0))
+        r_b = tl.sqrt(-2.0 * _log_uniform24(x2))
+        s_a, c_a = _sincos_2pi_uniform24(x1, HW_TRIG)
+        s_b, c_b = _sincos_2pi_uniform24(x3, HW_TRIG)
+        return r_a * c_a, r_a * s_a, r_b * c_b, r_b * s_b
+
+    @triton.jit
+    def _noise_block(start, key, k0, k1, BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr,
+                     HW_TRIG: tl.constexpr, PAIRS: tl.constexpr):
         """z for global elements [start, start + BLOCK); start is a multiple of 128."""
         if GAUSSIAN:
-            group = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
-            x0, x1, x2, x3 = _philox_groups(group, key, 0, k0, k1)
-            r_a = tl.sqrt(-2.0 * _log_uniform24(x0))
-            r_b = tl.sqrt(-2.0 * _log_uniform24(x2))
-            a_a = 6.283185307179586 * _uniform24(x1)
-            a_b = 6.283185307179586 * _uniform24(x3)
-            z = tl.interleave(
-                tl.interleave(r_a * tl.cos(a_a), r_b * tl.cos(a_b)),
-                tl.interleave(r_a * tl.sin(a_a), r_b * tl.sin(a_b)),
-            )
+            # A lane's z must be contiguous in the layout of its 128-bit access (4 float32 or 8
+            # 16-bit elements), or the compiler converts layouts through shared memory.
+            if PAIRS:  # two Philox calls per lane, assembled with joins: 8·pair + 4·call + 2·ab + cs
+                pair = start // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
+                e0, e1, e2, e3 = _gaussian4(2 * pair, key, k0, k1, HW_TRIG)
+                o0, o1, o2, o3 = _gaussian4(2 * pair + 1, key, k0, k1, HW_TRIG)
+                cos_part = tl.join(tl.join(e0, o0), tl.join(e2, o2))
+                sin_part = tl.join(tl.join(e1, o1), tl.join(e3, o3))
+                z = tl.reshape(tl.join(cos_part, sin_part), (BLOCK,))
+            else:  # one call per lane: 4·group + 2·ab + cs
+                group = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+                z0, z1, z2, z3 = _gaussian4(group, key, k0, k1, HW_TRIG)
+                z = tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
         else:
             group = start // 128 + tl.arange(0, BLOCK // 128).to(tl.int64)
             x0, x1, x2, x3 = _philox_groups(group, key, 1, k0, k1)
@@ -130,38 +219,61 @@ if triton is not None:
             return y.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
 
     @triton.jit
-    def _store(ptrs, y, mask, DTYPE: tl.constexpr):
+    def _stored(y, DTYPE: tl.constexpr):
+        """float32 y rounded to nearest even in the storage dtype."""
         if DTYPE == tl.bfloat16:
-            bits = _round_bf16_bits(y).to(tl.int16)
-            tl.store(ptrs, bits.to(tl.bfloat16, bitcast=True), mask=mask)
+            if INTERPRET_CONST:  # the interpreter's conversion truncates: round by hand
+                return _round_bf16_bits(y).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            else:  # one cvt.rn.bf16x2.f32 per two elements instead of five integer operations
+                return y.to(tl.bfloat16, fp_downcast_rounding="rtne")
         else:
-            tl.store(ptrs, y.to(DTYPE), mask=mask)
+            return y.to(DTYPE)
 
     @triton.jit
-    def _store_stochastic(ptrs, y, rbits, mask, DTYPE: tl.constexpr):
-        """The contract's stochastic rounding to a 16-bit format (see docs/noise.md)."""
-        IS_BF16: tl.constexpr = DTYPE == tl.bfloat16
-        bits = _stochastic_bits(y, rbits, IS_BF16).to(tl.int16)
-        tl.store(ptrs, bits.to(DTYPE, bitcast=True), mask=mask)
+    def _stochastic_value(y, rbits, DTYPE: tl.constexpr):
+        """The contract's stochastic rounding of float32 y, as a DTYPE (16-bit) tensor."""
+        if DTYPE == tl.bfloat16:
+            if INTERPRET_CONST:
+                return _stochastic_bits(y, rbits, True).to(tl.int16).to(DTYPE, bitcast=True)
+            else:  # as _stochastic_bits, with the hardware's round-to-nearest for the rare edge
+                bits = y.to(tl.int32, bitcast=True)
+                mag = bits & 0x7FFFFFFF
+                away = (mag >> 16) + (rbits < (mag & 0xFFFF)).to(tl.int32)
+                chosen = (away | ((bits >> 16) & 0x8000)).to(tl.int16).to(DTYPE, bitcast=True)
+                return tl.where(mag >= 0x7F7F0000, _stored(y, DTYPE), chosen)
+        else:
+            return _stochastic_bits(y, rbits, False).to(tl.int16).to(DTYPE, bitcast=True)
 
     @triton.jit
     def _stochastic_bits(y, rbits, IS_BF16: tl.constexpr):
         """Bit pattern (int32 holding 0..0xFFFF) of the contract's stochastic rounding of y."""
-        nearest = _nearest_bits(y, IS_BF16)
-        y_abs = tl.abs(y)
-        toward = tl.where(tl.abs(_to_f32(nearest, IS_BF16)) > y_abs, nearest - 1, nearest)
-        sign = tl.where(y < 0, 0x8000, 0)
-        away = ((toward & 0x7FFF) + 1) | sign
-        t_abs = tl.abs(_to_f32(toward, IS_BF16))
-        gap = tl.abs(_to_f32(away, IS_BF16)) - t_abs
-        frac = (y_abs - t_abs) / gap
-        u = (rbits.to(tl.float32) + 0.5) * 1.52587890625e-05  # 2**-16
-        chosen = tl.where(u < frac, away, toward)
-        # representable, inf/NaN input, or overflow (the next value away is inf): keep nearest
-        not_finite = (y.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
-        gap_not_finite = (gap.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
-        exact = (_to_f32(toward, IS_BF16) == y) | not_finite | gap_not_finite
-        return tl.where(exact, nearest, chosen)
+        if IS_BF16:
+            # In integers: the neighbour towards zero is |y|'s top 16 bits, the fraction of the
+            # gap is exactly low16 / 2**16, so "(r + 0.5)·2**-16 < fraction" is "r < low16".
+            # From 0x7F7F0000 on the next value away is inf (or y is inf/NaN): round to nearest.
+            # Identical to the float comparison below for every float32 pattern (tested);
+            # about 30 instructions per element fewer on sm_90.
+            bits = y.to(tl.int32, bitcast=True)
+            mag = bits & 0x7FFFFFFF
+            away = (mag >> 16) + (rbits < (mag & 0xFFFF)).to(tl.int32)
+            chosen = away | ((bits >> 16) & 0x8000)
+            return tl.where(mag >= 0x7F7F0000, _round_bf16_bits(y), chosen)
+        else:
+            nearest = _nearest_bits(y, IS_BF16)
+            y_abs = tl.abs(y)
+            toward = tl.where(tl.abs(_to_f32(nearest, IS_BF16)) > y_abs, nearest - 1, nearest)
+            sign = tl.where(y < 0, 0x8000, 0)
+            away = ((toward & 0x7FFF) + 1) | sign
+            t_abs = tl.abs(_to_f32(toward, IS_BF16))
+            gap = tl.abs(_to_f32(away, IS_BF16)) - t_abs
+            frac = (y_abs - t_abs) / gap
+            u = (rbits.to(tl.float32) + 0.5) * 1.52587890625e-05  # 2**-16
+            chosen = tl.where(u < frac, away, toward)
+            # representable, inf/NaN input, or overflow (the next value away is inf): nearest
+            not_finite = (y.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
+            gap_not_finite = (gap.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
+            exact = (_to_f32(toward, IS_BF16) == y) | not_finite | gap_not_finite
+            return tl.where(exact, nearest, chosen)
 
     # ---- exact mode (docs/noise.md, "Exact perturbation of 16-bit weights"): integer ops only,
     # so the interpreter and every GPU agree bit for bit.
@@ -237,16 +349,65 @@ if triton is not None:
         halves = tl.interleave(words & 0xFFFF, words >> 16)
         return halves.to(tl.int32)
 
+    @triton.jit
+    def _block_result(raw, start, key, k0, k1, next_k0, next_k1, a, decay, b, a_next, multiple,
+                      lq, t_bits, n_max, inv_q, t_bits32, a_q, a_next_q,
+                      DTYPE: tl.constexpr, BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr,
+                      UPDATE: tl.constexpr, STOCHASTIC: tl.constexpr, NEXT: tl.constexpr,
+                      EXACT: tl.constexpr, MBITS: tl.constexpr, INF_BITS: tl.constexpr,
+                      HW_TRIG: tl.constexpr):
+        """The values to store for the block of global elements [start, start + BLOCK)."""
+        IS_BF16: tl.constexpr = DTYPE == tl.bfloat16
+        PAIRS: tl.constexpr = DTYPE != tl.float32  # 8 elements per 128-bit access
+        z = _noise_block(start, key, k0, k1, BLOCK, GAUSSIAN, HW_TRIG, PAIRS)
+        if EXACT:
+            bits = raw.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            k = _rne_int(a_q * z)
+            if UPDATE:
+                loaded = bits
+                bits = _step_on_grid(bits, k, lq, t_bits, n_max, MBITS, INF_BITS)
+                # r = q / grid spacing at θ₀: 1 below T, 2**-(E - lq - 1) above
+                mag = bits & 0x7FFF
+                shift = tl.minimum(tl.maximum((mag >> MBITS) - (lq + 1), 0), 126)
+                r = tl.where(mag >= t_bits, ((127 - shift) << 23).to(tl.float32, bitcast=True), 1.0)
+                y = _to_f32(bits, IS_BF16) * decay - (b * z) * r
+                if STOCHASTIC:
+                    rbits = _rounding_bits(start, key, k0, k1, BLOCK)
+                else:
+                    rbits = bits
+                bits = _round_to_grid(y, rbits, inv_q, t_bits32, lq, t_bits, IS_BF16, MBITS,
+                                      STOCHASTIC)
+                if NEXT:
+                    z_next = _noise_block(start, key, next_k0, next_k1, BLOCK, GAUSSIAN, HW_TRIG, PAIRS)
+                    bits = _step_on_grid(bits, _rne_int(a_next_q * z_next), lq, t_bits, n_max,
+                                         MBITS, INF_BITS)
+                bits = tl.where((loaded & 0x7FFF) < INF_BITS, bits, loaded)  # inf/NaN stay
+            else:
+                bits = _step_on_grid(bits, multiple * k, lq, t_bits, n_max, MBITS, INF_BITS)
+            return bits.to(tl.int16).to(DTYPE, bitcast=True)
+        else:
+            theta = raw.to(tl.float32)
+            if UPDATE:
+                y = (theta + a * z) * decay - b * z
+            else:
+                y = theta + a * z
+            if NEXT:
+                y = y + a_next * _noise_block(start, key, next_k0, next_k1, BLOCK, GAUSSIAN, HW_TRIG, PAIRS)
+            if STOCHASTIC:
+                rbits = _rounding_bits(start, key, k0, k1, BLOCK)
+                return _stochastic_value(y, rbits, DTYPE)
+            else:
+                return _stored(y, DTYPE)
+
     # Integer scalars equal to 1 would be specialised into constants; seeds and counts must not.
     @triton.jit(do_not_specialize=["n_tensors", "seed_lo", "seed_hi", "next_lo", "next_hi",
                                    "multiple"])
     def _zo_pass_kernel(
-        addr_table, numel_table, key_table, offset_table, exponent_table, n_tensors,
-        seed_lo, seed_hi, a, decay, b, next_lo, next_hi, a_next, multiple,
+        table, n_tensors, seed_lo, seed_hi, a, decay, b, next_lo, next_hi, a_next, multiple,
         DTYPE: tl.constexpr, BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr,
         UPDATE: tl.constexpr, STOCHASTIC: tl.constexpr, NEXT: tl.constexpr,
         EXACT: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, MAX_BITS: tl.constexpr,
-        INF_BITS: tl.constexpr,
+        INF_BITS: tl.constexpr, HW_TRIG: tl.constexpr,
     ):
         """perturb (UPDATE=0):  θ ← θ + a·z
         restore-and-update:    θ ← (θ + a·z)·decay − b·z
@@ -257,21 +418,39 @@ if triton is not None:
         restore-and-update: θ₀ = N⁻¹(wrap(N(θ) + k(a))), θ ← grid_round(θ₀·decay − (b·z)·r)
                             with r = q / grid spacing at θ₀
         with NEXT, then N⁻¹(wrap(N(θ) + k'(a_next)))
+
+        `table` is int64 [5, n_tensors]: address, numel, key, offset, exponent. Blocks start on
+        multiples of 128 of the global element index. A block that lies wholly inside a tensor
+        whose blocks start 16-byte aligned is loaded and stored unmasked through a pointer the
+        compiler knows is aligned: 128-bit accesses. Edges and misaligned views take the masked
+        path, with the same arithmetic.
         """
-        IS_BF16: tl.constexpr = DTYPE == tl.bfloat16
+        ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
         pid = tl.program_id(0)
         n_programs = tl.num_programs(0)
         k0 = seed_lo.to(tl.uint32)
         k1 = seed_hi.to(tl.uint32)
+        next_k0 = next_lo.to(tl.uint32)
+        next_k1 = next_hi.to(tl.uint32)
         for t in range(n_tensors):
-            base = tl.load(addr_table + t).to(tl.pointer_type(DTYPE))
-            numel = tl.load(numel_table + t)
-            key = tl.load(key_table + t)
-            offset = tl.load(offset_table + t)
+            addr = tl.load(table + t)
+            numel = tl.load(table + n_tensors + t)
+            key = tl.load(table + 2 * n_tensors + t)
+            offset = tl.load(table + 3 * n_tensors + t)
+            base = addr.to(tl.pointer_type(DTYPE))
             lead = offset % 128  # blocks start on a 128-element boundary of the global index
+            first = addr - lead * ESIZE  # address of block 0's first element (maybe before base)
+            aligned = (first % 16) == 0
             n_blocks = tl.cdiv(numel + lead, BLOCK)
+            lq = 0
+            t_bits = 0
+            n_max = 0
+            inv_q = 1.0
+            t_bits32 = 0
+            a_q = a
+            a_next_q = a_next
             if EXACT:
-                exponent = tl.load(exponent_table + t).to(tl.int32)
+                exponent = tl.load(table + 4 * n_tensors + t).to(tl.int32)
                 lq = exponent + (BIAS + MBITS - 1)  # q in units of the smallest subnormal
                 t_bits = (lq + 1) << MBITS  # T = q * 2**MBITS
                 n_max = (1 << MBITS) + MAX_BITS - t_bits
@@ -280,60 +459,120 @@ if triton is not None:
                 a_q = a * inv_q
                 a_next_q = a_next * inv_q
             for blk in range(pid, n_blocks, n_programs):
-                start = offset - lead + (offset * 0 + blk) * BLOCK  # int64 math: tensors may exceed 2**31
-                local = start - offset + tl.arange(0, BLOCK)
-                mask = (local >= 0) & (local < numel)
-                ptrs = base + local
-                if EXACT:
-                    raw = tl.load(ptrs, mask=mask, other=0.0)
-                    bits = raw.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                    z = _noise_block(start, key, k0, k1, BLOCK, GAUSSIAN)
-                    k = _rne_int(a_q * z)
-                    if UPDATE:
-                        loaded = bits
-                        bits = _step_on_grid(bits, k, lq, t_bits, n_max, MBITS, INF_BITS)
-                        # r = q / grid spacing at θ₀: 1 below T, 2**-(E - lq - 1) above
-                        mag = bits & 0x7FFF
-                        shift = tl.minimum(tl.maximum((mag >> MBITS) - (lq + 1), 0), 126)
-                        r = tl.where(mag >= t_bits, ((127 - shift) << 23).to(tl.float32, bitcast=True),
-                                     1.0)
-                        y = _to_f32(bits, IS_BF16) * decay - (b * z) * r
-                        if STOCHASTIC:
-                            rbits = _rounding_bits(start, key, k0, k1, BLOCK)
-                        else:
-                            rbits = bits
-                        bits = _round_to_grid(y, rbits, inv_q, t_bits32, lq, t_bits, IS_BF16, MBITS,
-                                              STOCHASTIC)
-                        if NEXT:
-                            z_next = _noise_block(start, key, next_lo.to(tl.uint32),
-                                                  next_hi.to(tl.uint32), BLOCK, GAUSSIAN)
-                            bits = _step_on_grid(bits, _rne_int(a_next_q * z_next), lq, t_bits, n_max,
-                                                 MBITS, INF_BITS)
-                        bits = tl.where((loaded & 0x7FFF) < INF_BITS, bits, loaded)  # inf/NaN stay
-                    else:
-                        bits = _step_on_grid(bits, multiple * k, lq, t_bits, n_max, MBITS, INF_BITS)
-                    tl.store(ptrs, bits.to(tl.int16).to(DTYPE, bitcast=True), mask=mask)
+                local0 = (offset * 0 + blk) * BLOCK - lead  # int64: tensors may exceed 2**31
+                start = offset + local0
+                if aligned & (local0 >= 0) & (local0 + BLOCK <= numel):
+                    ptrs = tl.multiple_of((first + (local0 + lead) * ESIZE).to(tl.pointer_type(DTYPE)),
+                                          16) + tl.arange(0, BLOCK)
+                    raw = tl.load(ptrs)
+                    tl.store(ptrs, _block_result(
+                        raw, start, key, k0, k1, next_k0, next_k1, a, decay, b, a_next, multiple,
+                        lq, t_bits, n_max, inv_q, t_bits32, a_q, a_next_q, DTYPE, BLOCK, GAUSSIAN,
+                        UPDATE, STOCHASTIC, NEXT, EXACT, MBITS, INF_BITS, HW_TRIG))
                 else:
-                    theta = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                    z = _noise_block(start, key, k0, k1, BLOCK, GAUSSIAN)
-                    if UPDATE:
-                        y = (theta + a * z) * decay - b * z
-                    else:
-                        y = theta + a * z
-                    if NEXT:
-                        z_next = _noise_block(start, key, next_lo.to(tl.uint32), next_hi.to(tl.uint32),
-                                              BLOCK, GAUSSIAN)
-                        y = y + a_next * z_next
-                    if STOCHASTIC:
-                        rbits = _rounding_bits(start, key, k0, k1, BLOCK)
-                        _store_stochastic(ptrs, y, rbits, mask, DTYPE)
-                    else:
-                        _store(ptrs, y, mask, DTYPE)
+                    local = local0 + tl.arange(0, BLOCK)
+                    mask = (local >= 0) & (local < numel)
+                    ptrs = base + local
+                    raw = tl.load(ptrs, mask=mask, other=0.0)
+                    tl.store(ptrs, _block_result(
+                        raw, start, key, k0, k1, next_k0, next_k1, a, decay, b, a_next, multiple,
+                        lq, t_bits, n_max, inv_q, t_bits32, a_q, a_next_q, DTYPE, BLOCK, GAUSSIAN,
+                        UPDATE, STOCHASTIC, NEXT, EXACT, MBITS, INF_BITS, HW_TRIG), mask=mask)
 
 
 _TL_DTYPE = {}
 if triton is not None:
     _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+_FORMAT_CONSTANTS = {  # MBITS, BIAS, MAX_BITS, INF_BITS (fastzo.noise.FORMATS16)
+    dtype: (fmt.mbits, fmt.bias, fmt.max_bits, fmt.inf_bits) for dtype, fmt in noise.FORMATS16.items()
+}
+_DISTRIBUTIONS = ("gaussian", "rademacher")
+
+
+def _as_int32(x: int) -> int:
+    """A uint32 word as the int32 with the same bits: scalars then always compile as i32."""
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+def _pass_constexprs(dtype, distribution, update, stochastic, fused_next, exact, fast_math, block):
+    """The compile-time constants of one launch: shared by the launch and by compile_pass."""
+    mbits, bias, max_bits, inf_bits = _FORMAT_CONSTANTS.get(dtype, (0, 0, 0, 0))
+    return dict(
+        DTYPE=_TL_DTYPE[dtype], BLOCK=block, GAUSSIAN=distribution == "gaussian", UPDATE=bool(update),
+        STOCHASTIC=bool(stochastic) and bool(update) and dtype != torch.float32,
+        NEXT=bool(fused_next) and bool(update), EXACT=bool(exact), MBITS=mbits, BIAS=bias,
+        MAX_BITS=max_bits, INF_BITS=inf_bits,
+        HW_TRIG=bool(fast_math) and distribution == "gaussian" and not exact,
+    )
+
+
+# Launch options. No multiply-add contraction: the update (θ + a·z)·decay − b·z must round like
+# the oracle's separate operations (Rademacher results are bit-identical to the oracle); the noise
+# polynomials use explicit tl.fma instead. At most 64 registers per thread: 32 resident warps per
+# SM at 8 warps per program. Passes that need more spill when capped at 64, so they get more
+# (see docs/performance.md): the fused step holds two seeds' noise (128: 16 warps per SM);
+# float16 stochastic rounding takes the float comparison (80: 24 warps per SM); exact mode's
+# integer grid arithmetic is left to ptxas.
+MAX_REGISTERS = 64
+
+
+def register_cap(dtype, stochastic: bool, fused_next: bool, exact: bool) -> int | None:
+    """The launch's register cap per thread (None: ptxas chooses)."""
+    if exact:
+        return None
+    if fused_next:
+        return 128  # left alone, ptxas chose 64 and spilled on sm_80
+    if stochastic and dtype == torch.float16:
+        return 80
+    return MAX_REGISTERS
+
+
+def _launch_options(dtype, stochastic, fused_next, exact) -> dict:
+    options = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
+    cap = register_cap(dtype, stochastic, fused_next, exact)
+    if cap is not None:
+        options["maxnreg"] = cap
+    return options
+
+
+def _scalar_arguments(seed, a, decay, b, next_seed, a_next, multiple):
+    next_seed = next_seed or 0
+    return (_as_int32(seed & noise.MASK32), _as_int32(seed >> 32), float(a), float(decay), float(b),
+            _as_int32(next_seed & noise.MASK32), _as_int32(next_seed >> 32), float(a_next),
+            int(multiple))
+
+
+# Device-side tables, kept while the optimizer passes the same tensors step after step: a
+# cache hit costs no table construction and no host-to-device copy. The key is the table's
+# content (addresses, sizes, keys, offsets, exponents), so a moved or resized tensor misses.
+_TABLE_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+_TABLE_CACHE_SIZE = 16
+table_cache_stats = {"hits": 0, "misses": 0}
+
+
+def _device_table(device, dtype, tensors, idxs, keys, offsets, exponents):
+    ptrs = tuple(tensors[i].data_ptr() for i in idxs)
+    numels = tuple(tensors[i].numel() for i in idxs)
+    tkeys = tuple(keys[i] for i in idxs)
+    toffs = tuple(offsets[i] for i in idxs)
+    texps = tuple(exponents[i] for i in idxs) if exponents is not None else (0,) * len(idxs)
+    cache_key = (device, dtype, ptrs, numels, tkeys, toffs, texps)
+    hit = _TABLE_CACHE.get(cache_key)
+    if hit is not None:
+        _TABLE_CACHE.move_to_end(cache_key)
+        table_cache_stats["hits"] += 1
+        return hit
+    table_cache_stats["misses"] += 1
+    table = torch.tensor([ptrs, numels, tkeys, toffs, texps], dtype=torch.int64)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+    total_blocks = sum(-(-(n + o % 128) // BLOCK) for n, o in zip(numels, toffs))
+    entry = (table, total_blocks)
+    _TABLE_CACHE[cache_key] = entry
+    while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return entry
 
 
 def _n_programs(device: torch.device, total_blocks: int) -> int:
@@ -343,11 +582,6 @@ def _n_programs(device: torch.device, total_blocks: int) -> int:
     return max(1, min(total_blocks, 4))
 
 
-_FORMAT_CONSTANTS = {  # MBITS, BIAS, MAX_BITS, INF_BITS (fastzo.noise.FORMATS16)
-    dtype: (fmt.mbits, fmt.bias, fmt.max_bits, fmt.inf_bits) for dtype, fmt in noise.FORMATS16.items()
-}
-
-
 def _launch(tensors, keys, offsets, seed, a, decay, b, distribution, update, stochastic,
             next_seed=None, a_next=0.0, exponents=None, multiple=1):
     exact = exponents is not None
@@ -355,26 +589,18 @@ def _launch(tensors, keys, offsets, seed, a, decay, b, distribution, update, sto
     for idx, t in enumerate(tensors):
         by_dtype.setdefault(t.dtype, []).append(idx)
     device = tensors[0].device
+    scalars = _scalar_arguments(seed, a, decay, b, next_seed, a_next, multiple)
     for dtype, idxs in by_dtype.items():
-        rows = [[tensors[i].data_ptr() for i in idxs], [tensors[i].numel() for i in idxs],
-                [keys[i] for i in idxs], [offsets[i] for i in idxs],
-                [exponents[i] if exact else 0 for i in idxs]]
-        table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-        total_blocks = sum(-(-(tensors[i].numel() + offsets[i] % 128) // BLOCK) for i in idxs)
+        table, total_blocks = _device_table(device, dtype, tensors, idxs, keys, offsets, exponents)
         grid = (_n_programs(device, total_blocks),)
-        mbits, bias, max_bits, inf_bits = _FORMAT_CONSTANTS.get(dtype, (0, 0, 0, 0))
-        options = {}
-        if exact and not INTERPRET:
-            # no multiply-add contraction: the update rounds like the oracle's separate operations
-            options["enable_fp_fusion"] = False
+        options = {} if INTERPRET else _launch_options(
+            dtype, stochastic and update and dtype != torch.float32, next_seed is not None and update,
+            exact)
         _zo_pass_kernel[grid](
-            table[0], table[1], table[2], table[3], table[4], len(idxs),
-            seed & noise.MASK32, seed >> 32, a, decay, b,
-            (next_seed or 0) & noise.MASK32, (next_seed or 0) >> 32, a_next, multiple,
-            DTYPE=_TL_DTYPE[dtype], BLOCK=BLOCK, GAUSSIAN=distribution == "gaussian",
-            UPDATE=update, STOCHASTIC=stochastic and dtype != torch.float32,
-            NEXT=next_seed is not None, EXACT=exact, MBITS=mbits, BIAS=bias, MAX_BITS=max_bits,
-            INF_BITS=inf_bits, num_warps=NUM_WARPS, **options,
+            table, len(idxs), *scalars,
+            **_pass_constexprs(dtype, distribution, update, stochastic, next_seed is not None,
+                               exact, FAST_MATH, BLOCK),
+            **options,
         )
 
 
@@ -402,3 +628,187 @@ def exact_restore_and_update_(tensors, keys, offsets, seed, eps, decay, step, di
                               stochastic_rounding, exponents, next_seed=None, next_eps=0.0):
     _launch(tensors, keys, offsets, seed, eps, decay, step, distribution, True, stochastic_rounding,
             next_seed=next_seed, a_next=next_eps, exponents=exponents)
+
+
+# ---- ahead-of-time compilation ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CompiledPass:
+    """One pass kernel compiled for a GPU architecture (see compile_pass)."""
+
+    cc: int
+    dtype: torch.dtype
+    distribution: str
+    update: bool
+    stochastic_rounding: bool
+    fused_next: bool
+    exact: bool
+    fast_math: bool
+    block: int  # elements per program and loop iteration
+    num_warps: int
+    shared: int  # bytes of shared memory per program
+    ptx: str = dataclasses.field(repr=False)
+    cubin: bytes = dataclasses.field(repr=False)
+
+    def resource_usage(self) -> dict:
+        """Registers, spills, local and shared memory of the kernel, from cuobjdump.
+
+        cuobjdump ships in Triton's wheel (triton/backends/nvidia/bin); no GPU is needed.
+        """
+        out = _nvidia_tool("cuobjdump", "--dump-resource-usage", self.cubin)
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+        if m is None:
+            raise RuntimeError(f"unexpected cuobjdump output:\n{out}")
+        reg, stack, shared, local = (int(g) for g in m.groups())
+        return {"registers": reg, "stack": stack, "shared": shared, "local": local}
+
+    @functools.cached_property
+    def sass(self) -> str:
+        """The machine code (nvdisasm, from Triton's wheel)."""
+        return _nvidia_tool("nvdisasm", "-c", self.cubin)
+
+
+def _nvidia_tool(name: str, *args) -> str:
+    import subprocess
+    import tempfile
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    *flags, cubin = args
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([path, *flags, f.name], check=True, capture_output=True,
+                              text=True).stdout
+
+
+def _pass_spec(cc, dtype, distribution, update, stochastic_rounding, fused_next, exact, fast_math):
+    if isinstance(cc, tuple):
+        cc = 10 * cc[0] + cc[1]
+    if not isinstance(cc, int) or cc < 70:
+        raise ValueError(f"cc must be a compute capability such as 80, 87, 90 or (9, 0); got {cc!r}")
+    if dtype not in _FORMAT_CONSTANTS and dtype != torch.float32:
+        raise ValueError(f"dtype must be torch.float32, bfloat16 or float16; got {dtype!r}")
+    if distribution not in _DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {_DISTRIBUTIONS}; got {distribution!r}")
+    if (stochastic_rounding or fused_next) and not update:
+        raise ValueError("stochastic_rounding and fused_next apply to the update pass only "
+                         "(update=True)")
+    if stochastic_rounding and dtype == torch.float32:
+        raise ValueError("stochastic_rounding applies to 16-bit dtypes; float32 has no rounding")
+    if exact and dtype == torch.float32:
+        raise ValueError("exact mode applies to 16-bit dtypes only")
+    fast_math = FAST_MATH if fast_math is None else bool(fast_math)
+    return (cc, dtype, distribution, bool(update), bool(stochastic_rounding), bool(fused_next),
+            bool(exact), fast_math and distribution == "gaussian" and not exact)
+
+
+def _compile_here(spec) -> CompiledPass:
+    """Compile in this process through Triton's own argument binding and specialisation."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    cc, dtype, distribution, update, stochastic, fused_next, exact, fast_math = spec
+    target = GPUTarget("cuda", cc, 32)
+    backend = make_backend(target)
+    kernel = _zo_pass_kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    # A table like the launch's (a fresh int64 tensor, 16-byte aligned) and scalars of the
+    # launch's types: the binder specialises them exactly as at run time.
+    table = torch.zeros((5, 2), dtype=torch.int64)
+    scalars = _scalar_arguments(2**63 + 12345, 1e-3, 0.999, 1e-5, 2**40 + 7, 1e-3, 3)
+    kwargs = dict(_pass_constexprs(dtype, distribution, update, stochastic, fused_next, exact,
+                                   fast_math, GPU_BLOCK),
+                  **_launch_options(dtype, stochastic, fused_next, exact))
+    kwargs.update(debug=False, instrumentation_mode=triton.knobs.compilation.instrumentation_mode,
+                  fpsan_homomorphic_casts=triton.knobs.compilation.fpsan_homomorphic_casts)
+    bound, specialization, options = binder(table, 2, *scalars, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
+                                                              specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    return CompiledPass(cc=cc, dtype=dtype, distribution=distribution, update=update,
+                        stochastic_rounding=stochastic, fused_next=fused_next, exact=exact,
+                        fast_math=fast_math, block=GPU_BLOCK, num_warps=options.num_warps,
+                        shared=int(compiled.metadata.shared), ptx=compiled.asm["ptx"],
+                        cubin=compiled.asm["cubin"])
+
+
+_COMPILED: dict = {}
+
+
+def _compile_in_subprocesses(specs, jobs):
+    """Under TRITON_INTERPRET=1 the kernels here are interpreter objects: compile in fresh
+    interpreters of the same fastzo without that variable, `jobs` of them side by side."""
+    import pickle
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    code = ("import pickle, sys; from fastzo.backends import triton_backend as tb; "
+            "specs = pickle.load(sys.stdin.buffer); "
+            "pickle.dump([tb._compile_here(s) for s in specs], sys.stdout.buffer)")
+    chunks = [specs[i::jobs] for i in range(min(jobs, len(specs)))]
+    procs = []
+    for chunk in chunks:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        proc.stdin.write(pickle.dumps(chunk))
+        proc.stdin.close()
+        procs.append(proc)
+    results = {}
+    failures = []
+    for chunk, proc in zip(chunks, procs):
+        out = proc.stdout.read()
+        err = proc.stderr.read()
+        if proc.wait() != 0:
+            failures.append(err.decode(errors="replace")[-4000:])
+        else:
+            results.update(zip(chunk, pickle.loads(out)))
+    if failures:
+        raise RuntimeError("ahead-of-time compilation failed:\n" + "\n".join(failures))
+    return [results[s] for s in specs]
+
+
+def compile_passes(cc, variants, jobs=None) -> list:
+    """compile_pass for many variants (dicts of its keyword arguments) at once, every result
+    cached for the life of the process. Under the interpreter they compile in `jobs`
+    subprocesses (default: up to 2 or the number of CPUs)."""
+    check_aot_available()
+    specs = [_pass_spec(cc, **{"stochastic_rounding": False, "fused_next": False, "exact": False,
+                               "fast_math": None, **v}) for v in variants]
+    missing = [s for s in dict.fromkeys(specs) if s not in _COMPILED]
+    if missing:
+        if INTERPRET:
+            jobs = jobs or max(1, min(2, os.cpu_count() or 1))
+            results = _compile_in_subprocesses(missing, jobs)
+        else:
+            results = [_compile_here(s) for s in missing]
+        _COMPILED.update(zip(missing, results))
+    return [_COMPILED[s] for s in specs]
+
+
+def compile_pass(cc, *, dtype, distribution, update, stochastic_rounding=False, fused_next=False,
+                 exact=False, fast_math=None) -> CompiledPass:
+    """Compile one pass kernel ahead of time for compute capability `cc` (e.g. 80, 87, 90).
+
+    Exactly as a launch on such a GPU would compile it: the same constexprs (GPU block size),
+    launch options (num_warps, no FMA contraction) and argument specialisation (a 16-byte
+    aligned table; seeds as i32). No GPU is needed. The result has `.cubin`, `.ptx`, `.block`
+    (elements per program), `.num_warps`, `.shared`, `resource_usage()` and `.sass` (the disassembly).
+    `fast_math=None` takes the backend's default (FAST_MATH).
+    """
+    return compile_passes(cc, [dict(dtype=dtype, distribution=distribution, update=update,
+                                    stochastic_rounding=stochastic_rounding, fused_next=fused_next,
+                                    exact=exact, fast_math=fast_math)])[0]
+
+
+def check_aot_available() -> None:
+    if triton is None:
+        raise _IMPORT_ERROR
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except Exception as exc:
+        raise RuntimeError(f"this Triton has no NVIDIA backend to compile with: {exc}") from exc
