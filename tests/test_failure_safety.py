@@ -412,3 +412,21 @@ def test_a_checkpoint_resumes_only_into_the_same_memory_format():
         fastzo.MeZO(contiguous.parameters(), lr=1e-2, backend=BACKEND).load_state_dict(state)
     same = conv_net().to(memory_format=torch.channels_last)
     fastzo.MeZO(same.parameters(), lr=1e-2, backend=BACKEND).load_state_dict(state)
+
+
+@pytest.mark.parametrize("options,passes", [
+    (dict(), 3), (dict(num_directions=3), 11), (dict(fused_steps=True), 2),
+    (dict(estimator="forward"), 2), (dict(estimator="forward", num_directions=3), 8),
+], ids=["q=1", "q=3", "fused", "forward", "forward q=3"])
+def test_passes_per_step_are_as_documented(options, passes, monkeypatch):
+    """README: 3 passes (q=1), 4q−1 for q directions (every direction restored before the next,
+    the updates after all losses), 2 in fused-steps mode after the first step."""
+    model, closure = model_and_data()
+    opt = fastzo.MeZO(model.parameters(), lr=1e-2, backend=BACKEND, **options)
+    opt.step(closure)
+    calls = []
+    for name in ("perturb_", "restore_and_update_", "restore_update_and_perturb_"):
+        original = getattr(fastzo.ops, name)
+        monkeypatch.setattr(fastzo.ops, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+    opt.step(closure)
+    assert len(calls) == passes
