@@ -50,7 +50,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -61,6 +60,8 @@ try:
     import fastzo  # noqa: F401
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastzo.benchmark import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -210,17 +211,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ------------------------------------------------------------------------------- one cell
 def load_task(task: str, smoke: bool):
     """(spec-independent) train / validation / test texts and labels, split once."""
@@ -291,7 +281,7 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
                 max_length=MAX_LENGTH, fused_steps=cell.method == "mezo", steps_total=cell.steps,
                 split=cell.split, n_eval=len(eval_ids), params=sum(p.numel() for p in model.parameters()),
                 backend=backend, threads=torch.get_num_threads(),
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""), cpu_model=cpu_model())
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""), cpu_model=cpu_name())
     ema = None
 
     def on_step(tr, loss):
