@@ -146,18 +146,24 @@ PRESETS: dict[str, TransformerSpec] = {
 }
 
 
-def spec_from_config(config, name: str | None = None) -> TransformerSpec:
-    """A spec from a Hugging Face config: a dict, a path to config.json (or to its folder), or a
-    ``transformers.PretrainedConfig``."""
+def _load_config(config, name):
+    """(config as a dict, name): a ``PretrainedConfig`` as its dict; a path to config.json (or to
+    its folder) read, the folder naming the model unless ``name`` is given."""
     if hasattr(config, "to_dict") and not isinstance(config, dict):
-        config = config.to_dict()
-    elif isinstance(config, (str, os.PathLike)):
+        return config.to_dict(), name
+    if isinstance(config, (str, os.PathLike)):
         path = Path(config)
         if path.is_dir():
             path = path / "config.json"
         with open(path) as handle:
-            config = json.load(handle)
-        name = name or path.parent.name or path.stem
+            return json.load(handle), name or path.parent.name or path.stem
+    return config, name
+
+
+def spec_from_config(config, name: str | None = None) -> TransformerSpec:
+    """A spec from a Hugging Face config: a dict, a path to config.json (or to its folder), or a
+    ``transformers.PretrainedConfig``."""
+    config, name = _load_config(config, name)
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, a path or a PretrainedConfig, got "
                         f"{type(config).__name__}")
@@ -717,15 +723,7 @@ class EncoderSpec:
 def encoder_spec_from_config(config, name: str | None = None, head_classes: int = 2) -> EncoderSpec:
     """An encoder spec from a BERT or MPNet config (dict, path to config.json or its folder,
     or a ``PretrainedConfig``)."""
-    if hasattr(config, "to_dict") and not isinstance(config, dict):
-        config = config.to_dict()
-    elif isinstance(config, (str, os.PathLike)):
-        path = Path(config)
-        if path.is_dir():
-            path = path / "config.json"
-        with open(path) as handle:
-            config = json.load(handle)
-        name = name or path.parent.name
+    config, name = _load_config(config, name)
     model_type = config.get("model_type", "")
     if model_type not in ENCODER_TYPES:
         raise ValueError(f"unsupported encoder model_type {model_type!r}: fastzo.memory knows {ENCODER_TYPES}")
