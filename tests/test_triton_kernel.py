@@ -1,5 +1,6 @@
-"""The Triton kernel's own paths, in the interpreter: integer stochastic rounding over edge bit
-patterns, fast math's bound, the masked path for misaligned views, and the host-side table cache."""
+"""The Triton kernel's own paths, in the interpreter: stochastic rounding without the contract's
+division over edge bit patterns, fast math's bound, the masked path for misaligned views, and the
+host-side table cache."""
 
 import pytest
 import torch
@@ -19,14 +20,14 @@ if triton_backend.triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _stochastic_bits_kernel(y_ptr, r_ptr, out_ptr, N: tl.constexpr):
+    def _stochastic_bits_kernel(y_ptr, r_ptr, out_ptr, N: tl.constexpr, IS_BF16: tl.constexpr):
         i = tl.arange(0, N)
         y = tl.load(y_ptr + i)
         r = tl.load(r_ptr + i)
-        tl.store(out_ptr + i, triton_backend._stochastic_bits(y, r, True))
+        tl.store(out_ptr + i, triton_backend._stochastic_bits(y, r, IS_BF16))
 
 
-def _bf16_bits(x: torch.Tensor) -> torch.Tensor:
+def _bits16(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int16).to(torch.int32) & 0xFFFF
 
 
@@ -51,11 +52,53 @@ def test_integer_stochastic_rounding_equals_the_contract_on_edge_patterns(gen):
     y = y.view(torch.float32)
     r = torch.tensor(r, dtype=torch.int32)
     out = torch.full_like(r, -1)
-    _stochastic_bits_kernel[(1,)](y, r, out, N=1 << 16)
-    want = _bf16_bits(torch_backend.stochastic_round(y, r, torch.bfloat16))
+    _stochastic_bits_kernel[(1,)](y, r, out, N=1 << 16, IS_BF16=True)
+    want = _bits16(torch_backend.stochastic_round(y, r, torch.bfloat16))
     nan = torch.isnan(y)
     assert torch.equal(out[~nan], want[~nan])
     assert ((out[nan] & 0x7FFF) > 0x7F80).all()  # NaN stays NaN
+
+
+def _float16_threshold(y: torch.Tensor) -> torch.Tensor:
+    """The number of r in 0..65535 for which the contract rounds finite y (|y| < 65504) away
+    from zero, in float64 (exact): (r + 0.5)·2**-16 < fraction of the float16 gap."""
+    y = y.double().abs()
+    exponent = torch.floor(torch.log2(torch.where(y > 0, y, torch.ones_like(y)))).clamp(min=-14)
+    gap = torch.pow(2.0, exponent - 10)
+    fraction = (y - torch.floor(y / gap) * gap) / gap
+    return torch.ceil(fraction * 65536 - 0.5).clamp(0, 65536)
+
+
+def test_float16_stochastic_rounding_equals_the_contract_on_edges_and_thresholds(gen):
+    """float16: toward zero by conversion, "u·gap < |y| − |t|" in float32, nearest from 65504 on.
+    Edges (zeros, float32 and float16 subnormals, 2**-24 and 2**-14 and their neighbours, the
+    largest finite value and the overflow tie at 65520, inf, NaN, both signs) and random
+    exponents over the whole float16 range, each with r just below, at and away from the
+    contract's threshold (ties included). A large randomized and an exhaustive run over every
+    float32 pattern found no difference either (docs/performance.md)."""
+    edges = [0x00000000, 0x00000001, 0x007FFFFF, 0x00800000, 0x33000000, 0x33000001, 0x337FFFFF,
+             0x33800000, 0x33800001, 0x33C00000, 0x387FC000, 0x387FFFFF, 0x38800000, 0x38800001,
+             0x38801000, 0x3F800000, 0x3F801000, 0x3F801001, 0x477FDFFF, 0x477FE000, 0x477FE001,
+             0x477FEFFF, 0x477FF000, 0x477FF001, 0x477FFFFF, 0x47800000, 0x7F7FFFFF, 0x7F800000,
+             0x7F800001, 0x7FC00000, 0x7FFFFFFF]
+    edges = torch.tensor(edges + [e | 0x80000000 for e in edges], dtype=torch.int64)
+    n = 1 << 16
+    exponent = torch.randint(90, 145, (n - len(edges),), generator=gen)
+    mantissa = torch.randint(0, 1 << 23, exponent.shape, generator=gen)
+    sign = torch.randint(0, 2, exponent.shape, generator=gen) << 31
+    y_bits = torch.cat([edges, sign | (exponent << 23) | mantissa])
+    y = torch.where(y_bits >= 2**31, y_bits - 2**32, y_bits).to(torch.int32).view(torch.float32)
+    threshold = torch.where(torch.isfinite(y), _float16_threshold(y), torch.zeros_like(y.double()))
+    offset = torch.randint(-1, 2, (n,), generator=gen)  # just below, at, just above
+    r = (threshold + offset).clamp(0, 65535)
+    r = torch.where(torch.rand(n, generator=gen) < 0.2,
+                    torch.randint(0, 65536, (n,), generator=gen).double(), r).to(torch.int32)
+    out = torch.full_like(r, -1)
+    _stochastic_bits_kernel[(1,)](y, r, out, N=n, IS_BF16=False)
+    want = _bits16(torch_backend.stochastic_round(y, r, torch.float16))
+    nan = torch.isnan(y)
+    assert torch.equal(out[~nan], want[~nan])
+    assert ((out[nan] & 0x7FFF) > 0x7C00).all()  # NaN stays NaN
 
 
 @pytest.mark.parametrize("fast_math, bound", [(False, 1e-6), (True, 4.5e-6)])

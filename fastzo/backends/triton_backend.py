@@ -242,7 +242,7 @@ if triton is not None:
                 chosen = (away | ((bits >> 16) & 0x8000)).to(tl.int16).to(DTYPE, bitcast=True)
                 return tl.where(mag >= 0x7F7F0000, _stored(y, DTYPE), chosen)
         else:
-            return _stochastic_bits(y, rbits, False).to(tl.int16).to(DTYPE, bitcast=True)
+            return _stochastic_f16(y, rbits)
 
     @triton.jit
     def _stochastic_bits(y, rbits, IS_BF16: tl.constexpr):
@@ -259,21 +259,48 @@ if triton is not None:
             chosen = away | ((bits >> 16) & 0x8000)
             return tl.where(mag >= 0x7F7F0000, _round_bf16_bits(y), chosen)
         else:
-            nearest = _nearest_bits(y, IS_BF16)
-            y_abs = tl.abs(y)
-            toward = tl.where(tl.abs(_to_f32(nearest, IS_BF16)) > y_abs, nearest - 1, nearest)
-            sign = tl.where(y < 0, 0x8000, 0)
-            away = ((toward & 0x7FFF) + 1) | sign
-            t_abs = tl.abs(_to_f32(toward, IS_BF16))
-            gap = tl.abs(_to_f32(away, IS_BF16)) - t_abs
-            frac = (y_abs - t_abs) / gap
-            u = (rbits.to(tl.float32) + 0.5) * 1.52587890625e-05  # 2**-16
-            chosen = tl.where(u < frac, away, toward)
-            # representable, inf/NaN input, or overflow (the next value away is inf): nearest
-            not_finite = (y.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
-            gap_not_finite = (gap.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
-            exact = (_to_f32(toward, IS_BF16) == y) | not_finite | gap_not_finite
-            return tl.where(exact, nearest, chosen)
+            return _stochastic_f16(y, rbits).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+    @triton.jit
+    def _f16_toward_zero(y):
+        """float16 of float32 y rounded toward zero (inf and NaN kept; finite overflow to the
+        largest finite value): one cvt.rz.f16x2.f32 per two elements on a GPU."""
+        if INTERPRET_CONST:  # the interpreter's conversion is not IEEE in every range: by hand
+            bits = y.to(tl.int32, bitcast=True)
+            a = bits & 0x7FFFFFFF
+            e = a >> 23
+            sig = (a & 0x7FFFFF) | 0x800000
+            subnormal = sig >> tl.minimum(126 - e, 31)  # multiples of 2**-24 below 2**-14
+            mag = tl.where(e >= 113, (a >> 13) - (112 << 10), subnormal)
+            mag = tl.where(a >= 0x477FE000, 0x7BFF, mag)  # from 65504 on: the largest finite
+            mag = tl.where(a >= 0x7F800000, tl.where(a == 0x7F800000, 0x7C00, 0x7E00), mag)
+            return (mag | ((bits >> 16) & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True)
+        else:
+            return y.to(tl.float16, fp_downcast_rounding="rtz")
+
+    @triton.jit
+    def _stochastic_f16(y, rbits):
+        """The contract's stochastic rounding of float32 y to float16, without a division.
+
+        t = y rounded toward zero (one conversion per two elements); the gap to the next value
+        away from zero is the float16 spacing at |y|, a power of two: 2**(E − 137) for the
+        float32 exponent field E ≥ 113, 2**-24 below. With u = (r + 0.5)·2**-16, the contract's
+        "u < (|y| − |t|) / gap" is "u·gap < |y| − |t|": both sides exact in float32, u·gap built
+        from the bits of 1 + u. Adding one to t's bits moves it one step away from zero. From
+        65504 on (the next value away is inf), round to nearest: away exactly when
+        |y| − 65504 ≥ 16 (ties go to the even inf); inf and NaN stay (|y| − |t| is NaN).
+        Identical to the contract's float rule for every float32 y and r (tested).
+        """
+        toward = _f16_toward_zero(y)
+        y_abs = tl.abs(y)
+        beyond = y_abs - tl.abs(toward.to(tl.float32))  # exact: the bits t dropped
+        exponent = y.to(tl.int32, bitcast=True) & 0x7F800000
+        gap = tl.maximum(exponent - (10 << 23), 103 << 23).to(tl.float32, bitcast=True)
+        one_plus_u = (0x3F800040 | (rbits << 7)).to(tl.float32, bitcast=True)
+        threshold = tl.fma(one_plus_u, gap, -gap)  # u·gap, exact
+        threshold = tl.where(y_abs >= 65504.0, 15.99609375, threshold)  # 16 − 2**-8
+        away = (threshold < beyond).to(tl.int16)
+        return (toward.to(tl.int16, bitcast=True) + away).to(tl.float16, bitcast=True)
 
     # ---- exact mode (docs/noise.md, "Exact perturbation of 16-bit weights"): integer ops only,
     # so the interpreter and every GPU agree bit for bit.
@@ -510,27 +537,24 @@ def _pass_constexprs(dtype, distribution, update, stochastic, fused_next, exact,
 # Launch options. No multiply-add contraction: the update (θ + a·z)·decay − b·z must round like
 # the oracle's separate operations (Rademacher results are bit-identical to the oracle); the noise
 # polynomials use explicit tl.fma instead. At most 64 registers per thread: 32 resident warps per
-# SM at 8 warps per program. Passes that need more spill when capped at 64, so they get more
-# (see docs/performance.md): the fused step holds two seeds' noise (128: 16 warps per SM);
-# float16 stochastic rounding takes the float comparison (80: 24 warps per SM); exact mode's
-# integer grid arithmetic is left to ptxas.
+# SM at 8 warps per program. The fused step holds two seeds' noise and spills when capped at 64,
+# so it gets 128 (16 warps per SM; docs/performance.md); exact mode's integer grid arithmetic is
+# left to ptxas.
 MAX_REGISTERS = 64
 
 
-def register_cap(dtype, stochastic: bool, fused_next: bool, exact: bool) -> int | None:
+def register_cap(fused_next: bool, exact: bool) -> int | None:
     """The launch's register cap per thread (None: ptxas chooses)."""
     if exact:
         return None
     if fused_next:
         return 128  # left alone, ptxas chose 64 and spilled on sm_80
-    if stochastic and dtype == torch.float16:
-        return 80
     return MAX_REGISTERS
 
 
-def _launch_options(dtype, stochastic, fused_next, exact) -> dict:
+def _launch_options(fused_next, exact) -> dict:
     options = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
-    cap = register_cap(dtype, stochastic, fused_next, exact)
+    cap = register_cap(fused_next, exact)
     if cap is not None:
         options["maxnreg"] = cap
     return options
@@ -593,9 +617,7 @@ def _launch(tensors, keys, offsets, seed, a, decay, b, distribution, update, sto
     for dtype, idxs in by_dtype.items():
         table, total_blocks = _device_table(device, dtype, tensors, idxs, keys, offsets, exponents)
         grid = (_n_programs(device, total_blocks),)
-        options = {} if INTERPRET else _launch_options(
-            dtype, stochastic and update and dtype != torch.float32, next_seed is not None and update,
-            exact)
+        options = {} if INTERPRET else _launch_options(next_seed is not None and update, exact)
         _zo_pass_kernel[grid](
             table, len(idxs), *scalars,
             **_pass_constexprs(dtype, distribution, update, stochastic, next_seed is not None,
@@ -719,7 +741,7 @@ def _compile_here(spec) -> CompiledPass:
     scalars = _scalar_arguments(2**63 + 12345, 1e-3, 0.999, 1e-5, 2**40 + 7, 1e-3, 3)
     kwargs = dict(_pass_constexprs(dtype, distribution, update, stochastic, fused_next, exact,
                                    fast_math, GPU_BLOCK),
-                  **_launch_options(dtype, stochastic, fused_next, exact))
+                  **_launch_options(fused_next, exact))
     kwargs.update(debug=False, instrumentation_mode=triton.knobs.compilation.instrumentation_mode,
                   fpsan_homomorphic_casts=triton.knobs.compilation.fpsan_homomorphic_casts)
     bound, specialization, options = binder(table, 2, *scalars, **kwargs)
