@@ -57,7 +57,7 @@ for c, n, m in skipped:
 sys.exit(1 if skipped else 0)
 EOF
 
-# Measured against predicted: every pass, both backends, Triton with and without fast math.
+# Measured against predicted: every pass, both backends, with and without fast math.
 step "predicted table" $PY benchmarks/predict_passes.py --out "$OUT/passes_predicted.csv" \
     --polynomial > "$OUT/passes_predicted.md" 2> "$OUT/passes_predicted.log"
 step "measured passes" timeout 600 $PY benchmarks/gpu_passes.py --device cuda \

@@ -1,10 +1,11 @@
 """Measured GB/s of every pass the static model predicts, written beside the prediction.
 
-For each backend (triton, triton without fast math, cuda) and each pass variant of
-benchmarks/predict_passes.py, times the pass in place on one tensor of `--n` elements (median
-of `--repeats` after a warm-up), converts to GB/s (one read and one write per element) and to a
-share of the in-place `add_` on the same tensor (the copy ceiling, measured in the same run),
-and writes CSV rows with the model's prediction for this GPU next to the measurement:
+For each backend (triton and cuda, each with and without fast math) and each pass variant
+(fastzo.backends.triton_backend.pass_variants), times the pass in place on one tensor of `--n`
+elements (median of `--repeats` after a warm-up), converts to GB/s (one read and one write per
+element) and to a share of the in-place `add_` on the same tensor (the copy ceiling, measured in
+the same run), and writes CSV rows with the model's prediction for this GPU next to the
+measurement:
 
     python benchmarks/gpu_passes.py --predicted benchmarks/results/predicted_passes.csv \
         --out runs/gpu/passes_measured.csv
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib
 import os
 import statistics
 import sys
@@ -34,16 +36,11 @@ GPU_COLUMNS = (("H200", "H200"), ("H100", "H100-SXM"), ("Orin", "Orin-AGX"))
 
 
 def variants(exact: bool):
-    for dtype in DTYPES:
-        sixteen = dtype != "float32"
-        for distribution in ("gaussian", "rademacher"):
-            for ex in ((False, True) if sixteen and exact else (False,)):
-                yield dict(dtype=dtype, distribution=distribution, update=False,
-                           stochastic_rounding=False, fused_next=False, exact=ex)
-                for sr in ((False, True) if sixteen else (False,)):
-                    for nx in (False, True):
-                        yield dict(dtype=dtype, distribution=distribution, update=True,
-                                   stochastic_rounding=sr, fused_next=nx, exact=ex)
+    """Every pass of fastzo.backends.triton_backend.pass_variants, the dtype by name."""
+    from fastzo.backends import triton_backend
+
+    return [dict(v, dtype=str(v["dtype"]).removeprefix("torch."))
+            for v in triton_backend.pass_variants(exact)]
 
 
 def sync(device):
@@ -110,7 +107,7 @@ def load_predicted(path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--backends", default="triton,triton-polynomial,cuda")
+    ap.add_argument("--backends", default="triton,triton-polynomial,cuda,cuda-polynomial")
     ap.add_argument("--n", type=int, default=1 << 27, help="elements per tensor")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-exact", action="store_true")
@@ -123,17 +120,16 @@ def main():
     predicted = load_predicted(args.predicted)
     rows = []
     for backend in args.backends.split(","):
-        polynomial = backend == "triton-polynomial"  # fast math off: Gaussian passes only
-        real = "triton" if polynomial else backend
+        polynomial = backend.endswith("-polynomial")  # fast math off: Gaussian passes only
+        real = backend.removesuffix("-polynomial")
         if real not in fastzo.available_backends():
             print(f"{backend}: not available here, skipped", file=sys.stderr)
             rows.append(dict(backend=backend, error="backend not available"))
             continue
-        if real == "triton":
-            from fastzo.backends import triton_backend
-
-            default_fast_math = triton_backend.FAST_MATH
-            triton_backend.FAST_MATH = not polynomial and default_fast_math
+        module = importlib.import_module(f"fastzo.backends.{real}_backend")
+        default_fast_math = getattr(module, "FAST_MATH", None)  # the GPU backends have it
+        if default_fast_math is not None:
+            module.FAST_MATH = not polynomial and default_fast_math
         for dtype_name, dtype in DTYPES.items():
             w = (torch.randn(args.n, device=device) * 0.02).to(dtype)
             ceiling = timed(lambda: w.add_(0.0), device, args.repeats)
@@ -163,8 +159,8 @@ def main():
                                                "GBps", "measured_pct_of_copy",
                                                "predicted_pct_of_copy")})
             del w
-        if real == "triton":
-            triton_backend.FAST_MATH = default_fast_math
+        if default_fast_math is not None:
+            module.FAST_MATH = default_fast_math
     stamp = dict(torch=torch.__version__,
                  timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     fields = list(dict.fromkeys(f for r in rows for f in r)) + list(stamp)

@@ -40,33 +40,30 @@ GPUS = {"H100-SXM": 90, "H200": 90, "Orin-AGX": 87}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CUDA_STORAGE = {"Float32Bits": "float32", "BFloat16Format": "bfloat16", "Float16Format": "float16"}
 NVCC_FLAGS = ["-O3", "--fmad=false"]  # as setup.py builds fastzo._C
+# Takes the address of every kernel instantiation a launch can pick (tests/test_gpu_compile.py
+# compiles the same).
 INSTANTIATE = """
 #include "cuda_pass_kernel.cuh"
 using namespace fastzo::gpu;
 void instantiate_every_pass() {
   for (int storage = 0; storage < 3; ++storage)
-    for (int bits = 0; bits < 16; ++bits) {
-      volatile KernelFunction k = pick_kernel(storage, bits & 1, bits & 2, bits & 4, bits & 8);
+    for (int bits = 0; bits < 32; ++bits) {
+      volatile KernelFunction k = pick_kernel(storage, bits & 1, bits & 2, bits & 4, bits & 8,
+                                              bits & 16);
       volatile KernelFunction e = pick_exact_kernel(storage, bits & 1, bits & 2, bits & 4, bits & 8);
       (void)k; (void)e;
     }
 }
 """
+# storage, then kGaussian, kUpdate, kStochastic, kNext, kExact, kFastMath
 CUDA_KERNEL = re.compile(r"_zo_pass_kernelI\S*?(Float32Bits|BFloat16Format|Float16Format)\S*?"
-                         r"ELb([01])ELb([01])ELb([01])ELb([01])ELb([01])E")
+                         r"ELb([01])ELb([01])ELb([01])ELb([01])ELb([01])ELb([01])E")
 
 
 def variants(exact: bool):
-    for dtype in DTYPES:
-        sixteen = dtype != "float32"
-        for distribution in ("gaussian", "rademacher"):
-            for ex in ((False, True) if sixteen and exact else (False,)):
-                yield dict(dtype=dtype, distribution=distribution, update=False,
-                           stochastic_rounding=False, fused_next=False, exact=ex)
-                for sr in ((False, True) if sixteen else (False,)):
-                    for nx in (False, True):
-                        yield dict(dtype=dtype, distribution=distribution, update=True,
-                                   stochastic_rounding=sr, fused_next=nx, exact=ex)
+    """triton_backend.pass_variants with the dtype by name (the CSV's)."""
+    return [dict(v, dtype=str(v["dtype"]).removeprefix("torch."))
+            for v in tb.pass_variants(exact)]
 
 
 def pass_name(v) -> str:
@@ -127,7 +124,9 @@ def nvcc_path():
     return None
 
 
-def cuda_rows(cc, exact):
+def cuda_rows(cc, exact, polynomial):
+    """Rows "cuda" (the default: fast math for Gaussian passes) and, with `polynomial`,
+    "cuda-polynomial" (the Gaussian passes without fast math)."""
     nvcc = nvcc_path()
     if nvcc is None:
         print("nvcc not found: no CUDA rows", file=sys.stderr)
@@ -150,12 +149,18 @@ def cuda_rows(cc, exact):
                           select=lambda n, d=dtype: CUDA_STORAGE[CUDA_KERNEL.search(n).group(1)] == d)
         for name, res in results.items():
             m = CUDA_KERNEL.search(name)
-            gaussian, update, sr, nx, ex = (g == "1" for g in m.groups()[1:])
+            gaussian, update, sr, nx, ex, fast = (g == "1" for g in m.groups()[1:])
             if ex and not exact:
                 continue
+            if gaussian and not ex and not fast:  # the polynomial sine and cosine
+                if not polynomial:
+                    continue
+                backend = "cuda-polynomial"
+            else:
+                backend = "cuda"
             v = dict(dtype=dtype, distribution="gaussian" if gaussian else "rademacher",
                      update=update, stochastic_rounding=sr, fused_next=nx, exact=ex)
-            rows.append(row_for("cuda", v, res, cc, 256, stacks.get(name, "")))
+            rows.append(row_for(backend, v, res, cc, 256, stacks.get(name, "")))
     return rows
 
 
@@ -167,7 +172,8 @@ def markdown(rows):
     for r in rows:
         by.setdefault(key(r), {}).setdefault(r["backend"], {}).update(
             {k: v for k, v in r.items() if v != "" and k not in ("backend",)})
-    backends = sorted({r["backend"] for r in rows}, key=lambda b: (b != "triton", b))
+    backends = sorted({r["backend"] for r in rows},  # triton, cuda, then without fast math
+                      key=lambda b: (b.endswith("-polynomial"), not b.startswith("triton")))
     head = "| dtype | z | pass | " + " | ".join(
         f"{b}: regs, bits, instr/elem, % H100 / H200 / Orin" for b in backends) + " |"
     lines = [head, "|" + " --- |" * (3 + len(backends))]
@@ -194,7 +200,7 @@ def main():
     ap.add_argument("--backends", default="triton,cuda")
     ap.add_argument("--no-exact", action="store_true", help="leave out exact mode's passes")
     ap.add_argument("--polynomial", action="store_true",
-                    help="also the Triton Gaussian passes without fast math (polynomial sin/cos)")
+                    help="also the Gaussian passes without fast math (polynomial sin/cos)")
     ap.add_argument("--markdown", help="also write the Markdown table to this file")
     ap.add_argument("--from-csv", help="only print the Markdown table of an existing CSV")
     args = ap.parse_args()
@@ -215,7 +221,7 @@ def main():
             if args.polynomial and tb.FAST_MATH:
                 rows += [r for r in triton_rows(cc, with_exact, False) if not r["exact"]]
         if "cuda" in args.backends:
-            rows += cuda_rows(cc, with_exact)
+            rows += cuda_rows(cc, with_exact, args.polynomial)
     # one row per backend × pass: the sm_90 row takes the Orin columns of the sm_87 one
     merged = {}
     for r in rows:

@@ -93,20 +93,18 @@ PassRequest make_request(std::vector<at::Tensor> tensors, std::vector<int64_t> k
 
 using PassFunction = void (*)(const PassRequest&);
 
-template <PassFunction kPass>
-void perturb(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
-             std::vector<int64_t> offsets, uint64_t seed, double scale,
-             const std::string& distribution) {
+PassRequest perturb_request(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
+                            std::vector<int64_t> offsets, uint64_t seed, double scale,
+                            const std::string& distribution) {
   PassRequest r = make_request(std::move(tensors), std::move(keys), std::move(offsets), seed,
                                distribution);
   r.a = static_cast<float>(scale);
-  kPass(r);
+  return r;
 }
 
-template <PassFunction kPass>
-void restore_and_update(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
-                        std::vector<int64_t> offsets, uint64_t seed, double eps, double decay,
-                        double step, const std::string& distribution, bool stochastic_rounding) {
+PassRequest update_request(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
+                           std::vector<int64_t> offsets, uint64_t seed, double eps, double decay,
+                           double step, const std::string& distribution, bool stochastic_rounding) {
   PassRequest r = make_request(std::move(tensors), std::move(keys), std::move(offsets), seed,
                                distribution);
   r.update = true;
@@ -114,7 +112,35 @@ void restore_and_update(std::vector<at::Tensor> tensors, std::vector<int64_t> ke
   r.a = static_cast<float>(eps);
   r.decay = static_cast<float>(decay);
   r.b = static_cast<float>(step);
-  kPass(r);
+  return r;
+}
+
+PassRequest fused_request(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
+                          std::vector<int64_t> offsets, uint64_t seed, double eps, double decay,
+                          double step, const std::string& distribution, bool stochastic_rounding,
+                          uint64_t next_seed, double next_scale) {
+  PassRequest r = update_request(std::move(tensors), std::move(keys), std::move(offsets), seed,
+                                 eps, decay, step, distribution, stochastic_rounding);
+  r.has_next = true;
+  r.next_seed = next_seed;
+  r.a_next = static_cast<float>(next_scale);
+  return r;
+}
+
+template <PassFunction kPass>
+void perturb(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
+             std::vector<int64_t> offsets, uint64_t seed, double scale,
+             const std::string& distribution) {
+  kPass(perturb_request(std::move(tensors), std::move(keys), std::move(offsets), seed, scale,
+                        distribution));
+}
+
+template <PassFunction kPass>
+void restore_and_update(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
+                        std::vector<int64_t> offsets, uint64_t seed, double eps, double decay,
+                        double step, const std::string& distribution, bool stochastic_rounding) {
+  kPass(update_request(std::move(tensors), std::move(keys), std::move(offsets), seed, eps, decay,
+                       step, distribution, stochastic_rounding));
 }
 
 template <PassFunction kPass>
@@ -122,18 +148,44 @@ void restore_update_and_perturb(std::vector<at::Tensor> tensors, std::vector<int
                                 std::vector<int64_t> offsets, uint64_t seed, double eps,
                                 double decay, double step, const std::string& distribution,
                                 bool stochastic_rounding, uint64_t next_seed, double next_scale) {
-  PassRequest r = make_request(std::move(tensors), std::move(keys), std::move(offsets), seed,
-                               distribution);
-  r.update = true;
-  r.stochastic = stochastic_rounding;
-  r.a = static_cast<float>(eps);
-  r.decay = static_cast<float>(decay);
-  r.b = static_cast<float>(step);
-  r.has_next = true;
-  r.next_seed = next_seed;
-  r.a_next = static_cast<float>(next_scale);
-  kPass(r);
+  kPass(fused_request(std::move(tensors), std::move(keys), std::move(offsets), seed, eps, decay,
+                      step, distribution, stochastic_rounding, next_seed, next_scale));
 }
+
+#ifdef FASTZO_WITH_CUDA
+// The CUDA passes also take fast math (the Gaussian passes' hardware sine, cosine and square
+// root; docs/noise.md), chosen per call by backend "cuda".
+void cuda_perturb(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
+                  std::vector<int64_t> offsets, uint64_t seed, double scale,
+                  const std::string& distribution, bool fast_math) {
+  PassRequest r = perturb_request(std::move(tensors), std::move(keys), std::move(offsets), seed,
+                                  scale, distribution);
+  r.fast_math = fast_math;
+  cuda_pass(r);
+}
+
+void cuda_restore_and_update(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
+                             std::vector<int64_t> offsets, uint64_t seed, double eps,
+                             double decay, double step, const std::string& distribution,
+                             bool stochastic_rounding, bool fast_math) {
+  PassRequest r = update_request(std::move(tensors), std::move(keys), std::move(offsets), seed,
+                                 eps, decay, step, distribution, stochastic_rounding);
+  r.fast_math = fast_math;
+  cuda_pass(r);
+}
+
+void cuda_restore_update_and_perturb(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
+                                     std::vector<int64_t> offsets, uint64_t seed, double eps,
+                                     double decay, double step, const std::string& distribution,
+                                     bool stochastic_rounding, uint64_t next_seed,
+                                     double next_scale, bool fast_math) {
+  PassRequest r = fused_request(std::move(tensors), std::move(keys), std::move(offsets), seed,
+                                eps, decay, step, distribution, stochastic_rounding, next_seed,
+                                next_scale);
+  r.fast_math = fast_math;
+  cuda_pass(r);
+}
+#endif
 
 template <PassFunction kPass>
 void exact_perturb(std::vector<at::Tensor> tensors, std::vector<int64_t> keys,
@@ -222,14 +274,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tensors"_a, "keys"_a, "offsets"_a, "seed"_a, "eps"_a, "decay"_a, "step"_a,
         "distribution"_a, "stochastic_rounding"_a, "exponents"_a, "has_next"_a, "next_seed"_a,
         "next_eps"_a, release_gil);
-  m.def("cuda_perturb_", &fastzo::perturb<fastzo::cuda_pass>, "tensors"_a, "keys"_a, "offsets"_a,
-        "seed"_a, "scale"_a, "distribution"_a, release_gil);
-  m.def("cuda_restore_and_update_", &fastzo::restore_and_update<fastzo::cuda_pass>, "tensors"_a,
-        "keys"_a, "offsets"_a, "seed"_a, "eps"_a, "decay"_a, "step"_a, "distribution"_a,
-        "stochastic_rounding"_a, release_gil);
-  m.def("cuda_restore_update_and_perturb_",
-        &fastzo::restore_update_and_perturb<fastzo::cuda_pass>, "tensors"_a, "keys"_a,
+  m.def("cuda_perturb_", &fastzo::cuda_perturb, "tensors"_a, "keys"_a, "offsets"_a, "seed"_a,
+        "scale"_a, "distribution"_a, "fast_math"_a, release_gil);
+  m.def("cuda_restore_and_update_", &fastzo::cuda_restore_and_update, "tensors"_a, "keys"_a,
         "offsets"_a, "seed"_a, "eps"_a, "decay"_a, "step"_a, "distribution"_a,
-        "stochastic_rounding"_a, "next_seed"_a, "next_scale"_a, release_gil);
+        "stochastic_rounding"_a, "fast_math"_a, release_gil);
+  m.def("cuda_restore_update_and_perturb_", &fastzo::cuda_restore_update_and_perturb,
+        "tensors"_a, "keys"_a, "offsets"_a, "seed"_a, "eps"_a, "decay"_a, "step"_a,
+        "distribution"_a, "stochastic_rounding"_a, "next_seed"_a, "next_scale"_a, "fast_math"_a,
+        release_gil);
 #endif
 }

@@ -26,18 +26,21 @@ Dim3 gridDim, blockDim, blockIdx, threadIdx;
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 
 #include "cuda_pass_kernel.cuh"
 
+// fast_math: the fast-math kernels with the host's accurate sinf/cosf/sqrtf of the same
+// reduced angle (the Triton interpreter's way); otherwise bit-identical to backend "cpp".
 extern "C" int fastzo_emulate_pass(int64_t* table, int n_tensors, int storage, int gaussian,
                                    int update, int stochastic, int next, uint64_t seed,
                                    uint64_t next_seed, float a, float decay, float b, float a_next,
-                                   int blocks, int threads) {
+                                   int fast_math, int blocks, int threads) {
   using namespace fastzo::gpu;
   number_vectors(table, n_tensors, storage);
   const KernelFunction kernel = pick_kernel(storage, gaussian != 0, update != 0,
-                                            update != 0 && stochastic != 0, update != 0 && next != 0);
+                                            update != 0 && stochastic != 0, update != 0 && next != 0,
+                                            fast_math != 0);
   if (kernel == nullptr) return 1;
   const PassConstants constants{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
                                 static_cast<uint32_t>(next_seed),

@@ -83,7 +83,8 @@ void cuda_pass(const PassRequest& request) {
                                 request.update && request.stochastic,
                                 request.update && request.has_next)
             : pick_kernel(storage, request.gaussian, request.update,
-                          request.update && request.stochastic, request.update && request.has_next);
+                          request.update && request.stochastic, request.update && request.has_next,
+                          request.fast_math);
     TORCH_CHECK(kernel != nullptr, "fastzo: no kernel for dtype ", dtype);
     kernel<<<blocks, kThreads, 0, stream>>>(device_table.data_ptr<int64_t>(), n_tensors, constants);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -31,6 +31,9 @@ struct PassRequest {
   bool exact = false;
   int32_t multiple = 1;
   std::vector<int64_t> exponents;
+  // CUDA only, Gaussian passes that are not exact: hardware sine, cosine and square root
+  // (docs/noise.md, "Fast math"). The CPU passes are the contract's polynomials.
+  bool fast_math = false;
 };
 
 // Checks everything before any tensor is touched; throws c10::Error on bad input.

@@ -22,6 +22,7 @@
 #endif
 
 #if !defined(__CUDA_ARCH__)
+#include <cmath>
 #include <cstring>
 #endif
 
@@ -29,7 +30,7 @@ namespace fastzo {
 namespace contract {
 
 // Bumped whenever the kernels' semantics change; the Python side refuses a stale build.
-constexpr int kAbiVersion = 5;
+constexpr int kAbiVersion = 6;
 
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
 constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
@@ -163,7 +164,10 @@ FASTZO_HD PhiloxWords philox_group(uint32_t group_lo, uint32_t group_hi, uint32_
 }
 
 FASTZO_HD uint32_t word_at(const PhiloxWords& w, int index) {
-  return index == 0 ? w.x0 : index == 1 ? w.x1 : index == 2 ? w.x2 : w.x3;
+  // three selects, no branches (a GPU thread picks its word by a computed index)
+  const uint32_t even = (index & 1) ? w.x1 : w.x0;
+  const uint32_t odd = (index & 1) ? w.x3 : w.x2;
+  return (index & 2) ? odd : even;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -184,7 +188,7 @@ FASTZO_HD float log_uniform24(uint32_t x) {
   const float inv_pow2 = bits_float(static_cast<uint32_t>(127 - e) << 23);  // 2^-e
   // f = n 2^-e - 1 = (2k 2^-e - 1) + 2^-e: each step is exact (Sterbenz, then a representable
   // sum), and no per-lane variable shift is needed.
-  const float f = (static_cast<float>(k) * (2.0f * inv_pow2) - 1.0f) + inv_pow2;
+  const float f = poly_step(static_cast<float>(k), 2.0f * inv_pow2, -1.0f) + inv_pow2;
   const float exponent = static_cast<float>(e - 25);
   const float f2 = f * f;
   float p = 7.0376836292e-2f;
@@ -196,10 +200,11 @@ FASTZO_HD float log_uniform24(uint32_t x) {
   p = poly_step(p, f, 2.0000714765e-1f);
   p = poly_step(p, f, -2.4999993993e-1f);
   p = poly_step(p, f, 3.3333331174e-1f);
-  float y = p * f * f2;
-  y = y + exponent * -2.12194440e-4f;
-  y = y - 0.5f * f2;
-  return (f + y) + exponent * 0.693359375f;
+  // The tails as polynomial steps too: fused on the device (each rounds once), and on the host
+  // the same multiplies and adds in the same order as ever.
+  float y = poly_step(exponent, -2.12194440e-4f, p * f * f2);
+  y = poly_step(f2, -0.5f, y);
+  return poly_step(exponent, 0.693359375f, f + y);
 }
 
 // sin and cos of 2*pi*u(x). The quarter-turn reduction is done on the
@@ -209,17 +214,27 @@ FASTZO_HD void sincos_2pi_uniform24(uint32_t x, float& sin_out, float& cos_out) 
   const int32_t k = static_cast<int32_t>(x >> 8);    // u = (k + 1/2) 2^-24, 4u = (k + 1/2) 2^-22
   const int32_t q = (k + (1 << 21)) >> 22;            // nearest quarter turn, 0..4 (never a tie)
   const int32_t rem = k - (q << 22);                  // in [-2^21, 2^21)
+#if defined(__CUDA_ARCH__)
+  // ((rem + 1/2) 2^-22) pi/2 with one rounding, as below: rem (pi/2 2^-22) + pi/2 2^-23
+  const float a = __fmaf_rn(static_cast<float>(rem), 1.5707963267948966f * 2.384185791015625e-07f,
+                            1.5707963267948966f * 1.1920928955078125e-07f);
+#else
   const float r = (static_cast<float>(rem) + 0.5f) * 2.384185791015625e-07f;  // exact, * 2^-22
   const float a = r * 1.5707963267948966f;
+#endif
   const float a2 = a * a;
   float s = -1.9515295891e-4f;
   s = poly_step(s, a2, 8.3321608736e-3f);
   s = poly_step(s, a2, -1.6666654611e-1f);
-  s = s * a2 * a + a;
+  s = poly_step(s * a2, a, a);
   float c = 2.443315711809948e-5f;
   c = poly_step(c, a2, -1.388731625493765e-3f);
   c = poly_step(c, a2, 4.166664568298827e-2f);
+#if defined(__CUDA_ARCH__)
+  c = __fmaf_rn(c * a2, a2, __fmaf_rn(a2, -0.5f, 1.0f));  // fused, as the Triton kernel
+#else
   c = c * a2 * a2 - 0.5f * a2 + 1.0f;
+#endif
   // sin(q*pi/2 + a), cos(q*pi/2 + a): swap on odd quadrants, then fix the signs.
   const bool odd = (q & 1) != 0;
   const float sin_base = odd ? c : s;
@@ -228,13 +243,52 @@ FASTZO_HD void sincos_2pi_uniform24(uint32_t x, float& sin_out, float& cos_out) 
   cos_out = bits_float(float_bits(cos_base) ^ (static_cast<uint32_t>((q + 1) & 2) << 30));
 }
 
-// Box-Muller: the four Gaussian z of one Philox call, in element order 4j + 0..3.
+// Fast math (GPU kernels; docs/noise.md, "Fast math"): sin and cos of 2*pi*u(x) from the
+// hardware's sin.approx / cos.approx on the angle reduced exactly to [-pi, pi]: rem, the low 24
+// bits of x >> 8 taken as signed, is u - round(u) in units of 2^-24, and
+// (rem + 1/2) 2 pi 2^-24 is rounded once (rem + 1/2 is exact). On the host (the emulation of
+// the CUDA kernel) the accurate sinf/cosf of the same angle, as the Triton interpreter does.
+FASTZO_HD void sincos_2pi_uniform24_fast(uint32_t x, float& sin_out, float& cos_out) {
+  const int32_t rem = static_cast<int32_t>(x) >> 8;
+#if defined(__CUDA_ARCH__)
+  const float angle = __fmaf_rn(static_cast<float>(rem), 3.7450702829239286e-07f,
+                                1.8725351414619643e-07f);
+  sin_out = __sinf(angle);
+  cos_out = __cosf(angle);
+#else
+  const float angle = (static_cast<float>(rem) + 0.5f) * 3.7450702829239286e-07f;
+  sin_out = sinf(angle);
+  cos_out = cosf(angle);
+#endif
+}
+
+// Fast math: the hardware's square root (sqrt.approx.f32, as the Triton kernel's tl.sqrt).
+FASTZO_HD float sqrt_fast(float x) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#else
+  return __builtin_sqrtf(x);
+#endif
+}
+
+// Box-Muller: the four Gaussian z of one Philox call, in element order 4j + 0..3 (kFastMath:
+// hardware sine, cosine and square root).
+template <bool kFastMath = false>
 FASTZO_HD void gaussian4(const PhiloxWords& w, float& z0, float& z1, float& z2, float& z3) {
-  const float radius_a = sqrt_rn(-2.0f * log_uniform24(w.x0));
-  const float radius_b = sqrt_rn(-2.0f * log_uniform24(w.x2));
+  const float log_a = -2.0f * log_uniform24(w.x0);
+  const float log_b = -2.0f * log_uniform24(w.x2);
+  const float radius_a = kFastMath ? sqrt_fast(log_a) : sqrt_rn(log_a);
+  const float radius_b = kFastMath ? sqrt_fast(log_b) : sqrt_rn(log_b);
   float sin_a, cos_a, sin_b, cos_b;
-  sincos_2pi_uniform24(w.x1, sin_a, cos_a);
-  sincos_2pi_uniform24(w.x3, sin_b, cos_b);
+  if (kFastMath) {
+    sincos_2pi_uniform24_fast(w.x1, sin_a, cos_a);
+    sincos_2pi_uniform24_fast(w.x3, sin_b, cos_b);
+  } else {
+    sincos_2pi_uniform24(w.x1, sin_a, cos_a);
+    sincos_2pi_uniform24(w.x3, sin_b, cos_b);
+  }
   z0 = radius_a * cos_a;
   z1 = radius_a * sin_a;
   z2 = radius_b * cos_b;
@@ -245,6 +299,12 @@ FASTZO_HD void gaussian4(const PhiloxWords& w, float& z0, float& z1, float& z2, 
 FASTZO_HD float rademacher(uint32_t word, int bit) {
   return 1.0f - 2.0f * static_cast<float>(static_cast<int32_t>((word >> bit) & 1u));
 }
+
+// The same z as a sign bit (0 for +1, 0x80000000 for -1): c * z is then c with that sign
+// flipped, exactly (times_sign), one logic operation instead of a conversion and two float ops.
+FASTZO_HD uint32_t rademacher_sign(uint32_t word, int bit) { return (word << (31 - bit)) & 0x80000000u; }
+
+FASTZO_HD float times_sign(float c, uint32_t sign) { return bits_float(float_bits(c) ^ sign); }
 
 // Stochastic-rounding bits: element 8j + h takes half-word h of the call, word h/2, low half
 // first. The comparison value is (r + 1/2) 2^-16.
@@ -321,16 +381,24 @@ FASTZO_HD uint32_t round_stochastic(float y, float u) {
 // ---------------------------------------------------------------------------------------------
 // The passes' arithmetic in float32 (docs/noise.md, "How the passes use z").
 
-FASTZO_HD float perturbed(float theta, float scale, float z) { return add_rn(theta, mul_rn(scale, z)); }
+// Each in two forms: with z, and with the products scale * z given ("_by"; a Rademacher z held
+// as a sign bit gives them exactly with times_sign).
+FASTZO_HD float perturbed_by(float theta, float scale_z) { return add_rn(theta, scale_z); }
+
+FASTZO_HD float perturbed(float theta, float scale, float z) { return perturbed_by(theta, mul_rn(scale, z)); }
+
+FASTZO_HD float restored_and_updated_by(float theta, float eps_z, float decay, float step_z) {
+  return sub_rn(mul_rn(add_rn(theta, eps_z), decay), step_z);
+}
 
 FASTZO_HD float restored_and_updated(float theta, float eps, float decay, float step, float z) {
-  return sub_rn(mul_rn(add_rn(theta, mul_rn(eps, z)), decay), mul_rn(step, z));
+  return restored_and_updated_by(theta, mul_rn(eps, z), decay, mul_rn(step, z));
 }
 
 // The fused step: restore-and-update with z, then + next_scale * z' of the next step's seed,
 // rounded once when stored (stochastic-rounding bits from the current seed).
 FASTZO_HD float updated_and_perturbed(float updated, float next_scale, float z_next) {
-  return add_rn(updated, mul_rn(next_scale, z_next));
+  return perturbed_by(updated, mul_rn(next_scale, z_next));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -433,10 +433,12 @@ def emulated_cuda_kernel(tmp_path_factory):
     run.restype = ctypes.c_int
     run.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                     ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_float,
-                    ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+                    ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int,
+                    ctypes.c_int]
 
     def launch(tensors, keys, offsets, seed, distribution, *, update=False, a=0.0, decay=1.0,
-               b=0.0, stochastic=False, next_seed=None, a_next=0.0, blocks=3, threads=32):
+               b=0.0, stochastic=False, next_seed=None, a_next=0.0, fast_math=False, blocks=3,
+               threads=32):
         """Like the host launcher: one emulated launch per dtype over a table of its tensors."""
         for dtype, code in STORAGE_CODE.items():
             rows = [[t.data_ptr(), t.numel(), k, o, 0]
@@ -446,7 +448,7 @@ def emulated_cuda_kernel(tmp_path_factory):
             table = torch.tensor(rows, dtype=torch.int64)
             status = run(table.data_ptr(), len(rows), code, distribution == "gaussian", update,
                          stochastic, next_seed is not None, seed, next_seed or 0, a, decay, b,
-                         a_next, blocks, threads)
+                         a_next, fast_math, blocks, threads)
             assert status == 0
 
     return launch
@@ -506,15 +508,25 @@ def test_emulated_cuda_kernel_does_not_depend_on_the_grid(emulated_cuda_kernel, 
         assert torch.equal(got, want)
 
 
+EDGES = {  # extreme values per 16-bit dtype: largest finite (the next value away is inf), inf,
+    # NaN, subnormals (of float32 and of the dtype), zeros
+    torch.bfloat16: [3.3895e38, -3.3895e38, 3.38e38, float("inf"), float("-inf"), float("nan"),
+                     1e-39, -1e-39, 9.2e-41, 0.0, -0.0, 1.0, -1.0],
+    torch.float16: [65504.0, -65504.0, 65472.0, float("inf"), float("-inf"), float("nan"),
+                    6.1e-5, -6.1e-5, 3e-5, 6e-8, -1.2e-7, 1e-39, 0.0, -0.0, 1.0, -1.0],
+}
+
+
 @needs_cpp
-def test_emulated_cuda_kernel_stochastic_bf16_edges_equal_cpp(emulated_cuda_kernel, gen):
-    """The CUDA kernel's integer stochastic rounding for bfloat16 against cpp's float rule on
-    extreme values: largest finite (the next value away is inf), inf, NaN, subnormals, zeros."""
-    edges = torch.tensor([3.3895e38, -3.3895e38, 3.38e38, float("inf"), float("-inf"), float("nan"),
-                          1e-39, -1e-39, 9.2e-41, 0.0, -0.0, 1.0, -1.0], dtype=torch.float32)
-    w = torch.cat([edges.repeat(64), random_weights(3000, torch.float32, gen)]).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lr", [1e-3, 30.0])  # small steps, and steps across the overflow edge
+def test_emulated_cuda_kernel_stochastic_edges_equal_cpp(emulated_cuda_kernel, dtype, lr, gen):
+    """The CUDA kernel's stochastic rounding without the division (bfloat16 in integers, float16
+    from its value toward zero) against cpp's float rule on extreme values."""
+    edges = torch.tensor(EDGES[dtype], dtype=torch.float32)
+    w = torch.cat([edges.repeat(64), random_weights(3000, torch.float32, gen)]).to(dtype)
     expected = w.clone()
-    seed, lr, g, wd = 99, 1e-3, 0.6, 0.0
+    seed, g, wd = 99, 0.6, 0.0
     step = fastzo.ops.as_float32(lr * g, "step")
     fastzo.restore_and_update_([expected], seed, EPS, lr, g, wd, keys=[4], stochastic_rounding=True,
                                distribution="rademacher", backend="cpp")
@@ -522,6 +534,27 @@ def test_emulated_cuda_kernel_stochastic_bf16_edges_equal_cpp(emulated_cuda_kern
                          b=step, stochastic=True)
     bits = lambda t: t.view(torch.int16)  # noqa: E731  (NaN compares by bits)
     assert torch.equal(bits(w), bits(expected))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_cuda_fast_math_stays_within_its_bound(emulated_cuda_kernel, dtype, gen):
+    """Fast math's reduction of the angle and its exact use of sine and cosine, on the host (the
+    accurate sinf/cosf/sqrtf where the GPU has sin.approx/cos.approx/sqrt.approx, whose documented
+    errors add at most 4.1e-6): z against the oracle, and the passes against cpp within that."""
+    n, offset = 40000, 2**35 + 3
+    fast, polynomial = torch.zeros(n), torch.zeros(n)
+    emulated_cuda_kernel([fast], [8], [offset], 2**64 - 9, "gaussian", a=1.0, fast_math=True)
+    emulated_cuda_kernel([polynomial], [8], [offset], 2**64 - 9, "gaussian", a=1.0)
+    z = oracle_noise(n, 2**64 - 9, 8, offset, "gaussian")
+    assert (fast - z).abs().max().item() <= 1e-6
+    assert (fast != polynomial).any()  # the fast-math kernel ran
+    views, keys, offsets = _awkward_views(gen, dtype)
+    expected = [v.clone() for v in views]
+    fastzo.perturb_(expected, 99, EPS, keys=keys, offsets=offsets, backend="cpp")
+    emulated_cuda_kernel(views, keys, offsets, 99, "gaussian", a=EPS, fast_math=True)
+    for got, want in zip(views, expected):
+        assert_stored_like_oracle(got, want.float(), "gaussian", EPS)
 
 
 # --- CUDA ------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from fastzo.backends import triton_backend as tb
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import predict_passes  # noqa: E402
 import sass_model  # noqa: E402
 
 ARCHS = (80, 87, 90)
@@ -44,30 +45,14 @@ pytestmark = pytest.mark.skipif(_aot_available() is not None,
                                 reason=f"no ahead-of-time Triton compiler: {_aot_available()}")
 
 
-def _variants():
-    """Every pass the runtime can launch: dtype × distribution × pass × stochastic × fused × exact."""
-    out = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        sixteen = dtype != torch.float32
-        for distribution in ("gaussian", "rademacher"):
-            for exact in ((False, True) if sixteen else (False,)):
-                out.append(dict(dtype=dtype, distribution=distribution, update=False, exact=exact))
-                for stochastic in ((False, True) if sixteen else (False,)):
-                    for fused_next in (False, True):
-                        out.append(dict(dtype=dtype, distribution=distribution, update=True,
-                                        stochastic_rounding=stochastic, fused_next=fused_next,
-                                        exact=exact))
-    return out
-
-
-VARIANTS = _variants()
+VARIANTS = tb.pass_variants()
 
 
 def _name(v) -> str:
     parts = [str(v["dtype"]).removeprefix("torch."), v["distribution"],
              "update" if v["update"] else "perturb"]
     parts += [flag for flag, key in (("sr", "stochastic_rounding"), ("next", "fused_next"),
-                                     ("exact", "exact")) if v.get(key)]
+                                     ("exact", "exact")) if v[key]]
     return "-".join(parts)
 
 
@@ -113,16 +98,17 @@ def _hot_loop(cc, name):
 
 
 # Explicit tl.fma in Box–Muller, per Philox call: two logarithms of 12 (8 polynomial steps, the
-# reduction, 3 final steps) and two sine/cosine pairs of 3 + 4 (none with hardware sin/cos).
-# float16 stochastic rounding: one per element, u·gap (exact: gap is a power of two).
+# reduction, 3 final steps) and two angles of 1 + 3 + 4 (the reduced angle, sine, cosine; the
+# angle alone with hardware sin/cos). float16 stochastic rounding: one per element, u·gap (exact:
+# gap is a power of two).
 def _expected_fma(v, compiled) -> int:
     # the kernel holds the arithmetic twice: aligned and masked path
     per_lane = compiled.block // (32 * compiled.num_warps)
-    rounding = per_lane if v["dtype"] == torch.float16 and v.get("stochastic_rounding") else 0
+    rounding = per_lane if v["dtype"] == torch.float16 and v["stochastic_rounding"] else 0
     if v["distribution"] != "gaussian":
         return rounding * 2
-    per_call = 24 + (0 if compiled.fast_math else 14)
-    noise_blocks = 2 if v.get("fused_next") else 1
+    per_call = 24 + (2 if compiled.fast_math else 16)
+    noise_blocks = 2 if v["fused_next"] else 1
     # two Philox calls per lane
     return (per_call * 2 * noise_blocks + rounding) * 2
 
@@ -138,13 +124,13 @@ def test_triton_pass_compiles_to_what_the_model_needs(cc, v):
     assert set(hot["mem"]) == {"LD.128", "ST.128"}, hot["mem"]
     assert hot["ld_bytes"] == hot["st_bytes"] == 16 * max(1, hot["elems"] * (
         4 if v["dtype"] == torch.float32 else 2) // 16)
-    if v.get("exact"):
+    if v["exact"]:
         return  # exact mode: reported by benchmarks/predict_passes.py, no target
     assert usage["local"] == 0 and usage["stack"] == 0, usage  # no spills
     # 64, except the fused step, which spills at 64 (two seeds' noise: 128)
-    cap = tb.register_cap(v.get("fused_next", False), False)
+    cap = tb.register_cap(v["fused_next"], False)
     assert usage["registers"] <= cap, usage
-    if not v.get("fused_next"):
+    if not v["fused_next"]:
         assert cap == tb.MAX_REGISTERS == 64
     assert "STL" not in compiled.sass and "LDL" not in compiled.sass
     counts = hot["counts"]
@@ -186,7 +172,7 @@ def test_compile_pass_is_cached_and_rejects_bad_input():
 
 
 def test_fast_math_compiles_to_hardware_sine_and_cosine():
-    v = dict(dtype=torch.bfloat16, distribution="gaussian", update=False)
+    v = next(x for x in VARIANTS if _name(x) == "bfloat16-gaussian-perturb")
     compiled, plain = tb.compile_passes(90, [dict(v, fast_math=True), dict(v, fast_math=False)])
     assert compiled.fast_math and not plain.fast_math
     assert "sin.approx.f32" in compiled.ptx and "cos.approx.f32" in compiled.ptx
@@ -194,29 +180,19 @@ def test_fast_math_compiles_to_hardware_sine_and_cosine():
     assert "MUFU.SIN" in sass and "MUFU.COS" in sass
     assert len(re.findall(r"\bfma\.rn\.f32\b", compiled.ptx)) == _expected_fma(v, compiled)
     assert "sin.approx" not in plain.ptx and "MUFU.SIN" not in plain.sass
+    assert len(re.findall(r"\bfma\.rn\.f32\b", plain.ptx)) == _expected_fma(v, plain)
 
 
 # ---- CUDA kernels with nvcc ---------------------------------------------------------------------
 
 NVCC = shutil.which("nvcc") or next(
     (str(p) for p in sorted(pathlib.Path("/usr/local").glob("cuda*/bin/nvcc"))), None)
-# The device flags setup.py builds fastzo._C with (checked against setup.py below).
-NVCC_FLAGS = ["-O3", "--fmad=false"]
-INSTANTIATE = """
-#include "cuda_pass_kernel.cuh"
-using namespace fastzo::gpu;
-// Takes the address of every kernel instantiation a launch can pick.
-void instantiate_every_pass() {
-  for (int storage = 0; storage < 3; ++storage)
-    for (int bits = 0; bits < 16; ++bits) {
-      volatile KernelFunction k = pick_kernel(storage, bits & 1, bits & 2, bits & 4, bits & 8);
-      volatile KernelFunction e = pick_exact_kernel(storage, bits & 1, bits & 2, bits & 4, bits & 8);
-      (void)k; (void)e;
-    }
-}
-"""
-CUDA_KERNEL = re.compile(r"_zo_pass_kernelI\S*?(Float32Bits|BFloat16Format|Float16Format)\S*?"
-                         r"ELb([01])ELb([01])ELb([01])ELb([01])ELb([01])E")
+# The device flags setup.py builds fastzo._C with (checked against setup.py below), the source
+# that takes the address of every kernel a launch can pick, and the kernels' names.
+NVCC_FLAGS, INSTANTIATE, CUDA_KERNEL = (predict_passes.NVCC_FLAGS, predict_passes.INSTANTIATE,
+                                        predict_passes.CUDA_KERNEL)
+# 26 plain passes, 13 of them Gaussian with a fast-math twin, 20 exact ones
+N_CUDA_KERNELS = 59
 
 
 def test_setup_builds_the_cuda_kernels_with_the_checked_flags():
@@ -246,22 +222,27 @@ def test_cuda_kernels_compile_to_what_the_model_needs(cc, tmp_path_factory):
     cubin, ptx = str(files["cubin"]), files["ptx"].read_text()
     usage = tb._nvidia_tool("cuobjdump", "--dump-resource-usage", files["cubin"].read_bytes())
     rows = re.findall(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
-    assert len(rows) == 46  # every instantiation a launch can pick
+    assert len(rows) == N_CUDA_KERNELS  # every instantiation a launch can pick
     for name, reg, stack, shared, local in rows:
         assert (int(stack), int(shared), int(local)) == (0, 0, 0), name  # no spills, no smem
-        assert int(reg) <= 80, (name, reg)
+        # the launch bounds: 64 registers, the fused step 80, exact mode 128
+        m = CUDA_KERNEL.search(name)
+        fused, exact = m.group(5) == "1", m.group(6) == "1"
+        assert int(reg) <= (128 if exact else 80 if fused else 64), (name, reg)
     results = sass_model.analyse(cubin, None, 4)
-    assert len(results) == 46
+    assert len(results) == N_CUDA_KERNELS
     for name, res in results.items():
         assert "ST.128" in res["mem"] and "LD.128" in res["mem"], (name, res["mem"])
         assert res["counts"].get("barrier", 0) == 0 and res["counts"].get("smem", 0) == 0
-    # PTX: --fmad=false leaves only the explicit fmaf of the noise polynomials, so Rademacher
-    # kernels have none and every plain float32 operation rounds on its own
+    # PTX: --fmad=false leaves only the explicit fmaf of the noise polynomials and of float16
+    # stochastic rounding (u·gap, exact), so the other Rademacher kernels have none and every
+    # plain float32 operation rounds on its own
     entries = re.split(r"\.entry\s+", ptx)[1:]
-    assert len(entries) == 46
+    assert len(entries) == N_CUDA_KERNELS
     for entry in entries:
         m = CUDA_KERNEL.search(entry.split("(", 1)[0])
         assert m, entry[:200]
-        gaussian = m.group(2) == "1"
+        gaussian, stochastic, exact = m.group(2) == "1", m.group(4) == "1", m.group(6) == "1"
+        rounding_fma = m.group(1) == "Float16Format" and stochastic and not exact
         has_fma = re.search(r"\bfma\.rn\.f32\b", entry) is not None
-        assert has_fma == gaussian, m.group(0)
+        assert has_fma == (gaussian or rounding_fma), m.group(0)

@@ -13,6 +13,7 @@ possibly mixed) on one device, distinct keys, float32-representable constants.
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
@@ -23,6 +24,12 @@ _errors: dict[str, BaseException] = {}
 
 class BackendUnavailable(RuntimeError):
     pass
+
+
+def fast_math_from_environment() -> bool:
+    """The GPU backends' fast-math default (docs/noise.md, "Fast math"): on unless
+    FASTZO_FAST_MATH=0."""
+    return os.environ.get("FASTZO_FAST_MATH", "1") != "0"
 
 
 def _load(name: str):

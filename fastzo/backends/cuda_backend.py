@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from . import cpp_backend
+from . import cpp_backend, fast_math_from_environment
 
 NAME = "cuda"
+# Fast math for the Gaussian passes (hardware sine, cosine and square root; docs/noise.md,
+# "Fast math"), as in backend "triton": FASTZO_FAST_MATH=0 turns it off (read at import; this
+# attribute may be changed at run time).
+FAST_MATH = fast_math_from_environment()
 
 
 def _extension():
@@ -35,13 +39,13 @@ def supports_device(device: torch.device) -> bool:
 
 
 def perturb_(tensors, keys, offsets, seed, scale, distribution):
-    _extension().cuda_perturb_(tensors, keys, offsets, seed, scale, distribution)
+    _extension().cuda_perturb_(tensors, keys, offsets, seed, scale, distribution, FAST_MATH)
 
 
 def restore_and_update_(tensors, keys, offsets, seed, eps, decay, step, distribution,
                         stochastic_rounding):
     _extension().cuda_restore_and_update_(tensors, keys, offsets, seed, eps, decay, step,
-                                          distribution, stochastic_rounding)
+                                          distribution, stochastic_rounding, FAST_MATH)
 
 
 def restore_update_and_perturb_(tensors, keys, offsets, seed, eps, decay, step, distribution,
@@ -49,7 +53,7 @@ def restore_update_and_perturb_(tensors, keys, offsets, seed, eps, decay, step, 
     """The fused step: restore-and-update, then + next_scale * z(next_seed), rounded once."""
     _extension().cuda_restore_update_and_perturb_(
         tensors, keys, offsets, seed, eps, decay, step, distribution, stochastic_rounding,
-        next_seed, next_scale)
+        next_seed, next_scale, FAST_MATH)
 
 
 def exact_perturb_(tensors, keys, offsets, seed, eps, multiple, exponents, distribution):

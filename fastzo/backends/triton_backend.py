@@ -17,6 +17,7 @@ import re
 import torch
 
 from .. import noise
+from . import fast_math_from_environment
 
 NAME = "triton"
 
@@ -39,10 +40,9 @@ BLOCK = 65536 if INTERPRET else GPU_BLOCK
 NUM_WARPS = 8
 # Fast math: hardware sin.approx / cos.approx for the Box–Muller angle of the plain (not exact)
 # Gaussian passes, |Δz| ≤ 4.5e-6 (docs/noise.md, "Fast math"). On by default, chosen from the
-# static model (docs/performance.md): bf16/fp16 Gaussian perturb 81 → 100 % of H100 copy
-# bandwidth, with stochastic rounding 59 → 66 %; float32 passes are at 100 % either way.
-# FASTZO_FAST_MATH=0 turns it off.
-FAST_MATH = os.environ.get("FASTZO_FAST_MATH", "1") != "0"
+# static model (docs/performance.md); FASTZO_FAST_MATH=0 turns it off (read at import; this
+# attribute may be changed at run time).
+FAST_MATH = fast_math_from_environment()
 
 
 def check_available() -> None:
@@ -61,13 +61,17 @@ if triton is not None:
 
     @triton.jit
     def _philox(c0, c1, c2, c3, k0, k1):
-        """Philox4x32-10 on uint32 blocks; identical to fastzo.noise.philox4x32_10."""
+        """Philox4x32-10 on uint32 blocks; identical to fastzo.noise.philox4x32_10.
+
+        Each round's products as one 32 x 32 -> 64-bit multiply (one IMAD.WIDE.U32 on a GPU,
+        where umulhi and the low product are two instructions)."""
         for _ in tl.static_range(10):
-            _c0, _c2 = c0, c2
-            c0 = tl.umulhi(0xCD9E8D57, _c2) ^ c1 ^ k0
-            c2 = tl.umulhi(0xD2511F53, _c0) ^ c3 ^ k1
-            c1 = tl.mul(c2 * 0 + 0xCD9E8D57, _c2, sanitize_overflow=False)
-            c3 = tl.mul(c0 * 0 + 0xD2511F53, _c0, sanitize_overflow=False)
+            p0 = c0.to(tl.uint64) * 0xD2511F53
+            p2 = c2.to(tl.uint64) * 0xCD9E8D57
+            c0 = (p2 >> 32).to(tl.uint32) ^ c1 ^ k0
+            c2 = (p0 >> 32).to(tl.uint32) ^ c3 ^ k1
+            c1 = p2.to(tl.uint32)
+            c3 = p0.to(tl.uint32)
             k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
             k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
         return c0, c1, c2, c3
@@ -121,16 +125,20 @@ if triton is not None:
         HW_TRIG (fast math): the angle reduced exactly to [−π, π] and the hardware's sin.approx /
         cos.approx (absolute error ≤ 2**-20.5 there, per the PTX ISA).
         """
-        k = (x >> 8).to(tl.int32)
         if HW_TRIG:
-            rem = k - ((k >> 23) << 24)  # [−2**23, 2**23): u − round(u) in units of 2**-24
-            angle = (rem.to(tl.float32) + 0.5) * 3.7450702829239286e-07  # 2π·2**-24
+            # u − round(u) in units of 2**-24, in [−2**23, 2**23): k's low 24 bits, signed
+            rem = x.to(tl.int32, bitcast=True) >> 8
+            # (rem + 0.5)·2π·2**-24 rounded once, as one fma (rem + 0.5 is exact)
+            angle = tl.fma(rem.to(tl.float32), 3.7450702829239286e-07, 1.8725351414619643e-07)
             s, c = _hw_sincos(angle)
         else:
+            k = (x >> 8).to(tl.int32)
             q = (k + (1 << 21)) >> 22  # nearest quarter turn, 0..4 (never a tie)
             rem = k - (q << 22)  # [−2**21, 2**21)
-            r = (rem.to(tl.float32) + 0.5) * 2.384185791015625e-07  # exact, ·2**-22
-            a = r * 1.5707963267948966
+            # a = ((rem + 0.5)·2**-22)·(π/2) as the contract rounds it (the first product is
+            # exact), in one fma: rem·(π/2·2**-22) + π/2·2**-23, rounded once to the same value
+            a = tl.fma(rem.to(tl.float32), 1.5707963267948966 * 2.384185791015625e-07,
+                       1.5707963267948966 * 1.1920928955078125e-07)
             a2 = a * a
             sp = tl.fma(tl.full(a2.shape, -1.9515295891e-4, tl.float32), a2, 8.3321608736e-3)
             sp = tl.fma(sp, a2, -1.6666654611e-1)
@@ -168,30 +176,53 @@ if triton is not None:
         return r_a * c_a, r_a * s_a, r_b * c_b, r_b * s_b
 
     @triton.jit
-    def _noise_block(start, key, k0, k1, BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr,
+    def _noise_block(unit, key, k0, k1, BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr,
                      HW_TRIG: tl.constexpr, PAIRS: tl.constexpr):
-        """z for global elements [start, start + BLOCK); start is a multiple of 128."""
+        """z for global elements [128·unit, 128·unit + BLOCK). Gaussian: float32 z; Rademacher:
+        z's sign bit (int32 0 for +1, 0x80000000 for −1)."""
         if GAUSSIAN:
             # A lane's z must be contiguous in the layout of its 128-bit access (4 float32 or 8
             # 16-bit elements), or the compiler converts layouts through shared memory.
             if PAIRS:  # two Philox calls per lane, assembled with joins: 8·pair + 4·call + 2·ab + cs
-                pair = start // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
+                pair = unit * 16 + tl.arange(0, BLOCK // 8).to(tl.int64)
                 e0, e1, e2, e3 = _gaussian4(2 * pair, key, k0, k1, HW_TRIG)
                 o0, o1, o2, o3 = _gaussian4(2 * pair + 1, key, k0, k1, HW_TRIG)
                 cos_part = tl.join(tl.join(e0, o0), tl.join(e2, o2))
                 sin_part = tl.join(tl.join(e1, o1), tl.join(e3, o3))
                 z = tl.reshape(tl.join(cos_part, sin_part), (BLOCK,))
             else:  # one call per lane: 4·group + 2·ab + cs
-                group = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+                group = unit * 32 + tl.arange(0, BLOCK // 4).to(tl.int64)
                 z0, z1, z2, z3 = _gaussian4(group, key, k0, k1, HW_TRIG)
                 z = tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
-        else:
-            group = start // 128 + tl.arange(0, BLOCK // 128).to(tl.int64)
+        elif PAIRS:  # Rademacher, z = ±1 as its sign bit (see _times_noise), by lane: each row
+            # of 8 elements (one 128-bit access) takes its byte of its word of its Philox call
+            row = tl.arange(0, BLOCK // 8)
+            x0, x1, x2, x3 = _philox_groups(unit + (row // 16).to(tl.int64), key, 1, k0, k1)
+            w = row // 4 % 4
+            word = tl.where(w >= 2, tl.where(w == 3, x3, x2), tl.where(w == 1, x1, x0))
+            byte = word >> (row % 4 * 8).to(tl.uint32)
+            shifts = (31 - tl.arange(0, 8))[None, :].to(tl.uint32)
+            signs = (byte[:, None] << shifts) & 0x80000000  # bit b: 1 gives −1
+            z = tl.reshape(signs, (BLOCK,)).to(tl.int32, bitcast=True)
+        else:  # float32 (two 128-bit accesses per lane): the words spread across lanes
+            group = unit + tl.arange(0, BLOCK // 128).to(tl.int64)
             x0, x1, x2, x3 = _philox_groups(group, key, 1, k0, k1)
             words = tl.interleave(tl.interleave(x0, x2), tl.interleave(x1, x3))
-            bits = (words[:, None] >> tl.arange(0, 32)[None, :].to(tl.uint32)) & 1
-            z = 1.0 - 2.0 * tl.reshape(bits, (BLOCK,)).to(tl.float32)
+            shifts = (31 - tl.arange(0, 32))[None, :].to(tl.uint32)
+            signs = (words[:, None] << shifts) & 0x80000000  # bit b of the word: 1 gives −1
+            z = tl.reshape(signs, (BLOCK,)).to(tl.int32, bitcast=True)
         return z
+
+    @triton.jit
+    def _times_noise(c, z, GAUSSIAN: tl.constexpr):
+        """c·z for float32 c and the noise z of _noise_block. A Rademacher z is ±1, held as its
+        sign bit: c·(±1) is c with that sign flipped, exactly (one logic operation, not an
+        integer-to-float conversion, a subtraction and a multiplication)."""
+        if GAUSSIAN:
+            return c * z
+        else:
+            return (tl.cast(c, tl.float32).to(tl.int32, bitcast=True) ^ z).to(tl.float32,
+                                                                            bitcast=True)
 
     @triton.jit
     def _round_bf16_bits(y):
@@ -233,14 +264,7 @@ if triton is not None:
     def _stochastic_value(y, rbits, DTYPE: tl.constexpr):
         """The contract's stochastic rounding of float32 y, as a DTYPE (16-bit) tensor."""
         if DTYPE == tl.bfloat16:
-            if INTERPRET_CONST:
-                return _stochastic_bits(y, rbits, True).to(tl.int16).to(DTYPE, bitcast=True)
-            else:  # as _stochastic_bits, with the hardware's round-to-nearest for the rare edge
-                bits = y.to(tl.int32, bitcast=True)
-                mag = bits & 0x7FFFFFFF
-                away = (mag >> 16) + (rbits < (mag & 0xFFFF)).to(tl.int32)
-                chosen = (away | ((bits >> 16) & 0x8000)).to(tl.int16).to(DTYPE, bitcast=True)
-                return tl.where(mag >= 0x7F7F0000, _stored(y, DTYPE), chosen)
+            return _stochastic_bf16(y, rbits)
         else:
             return _stochastic_f16(y, rbits)
 
@@ -248,18 +272,47 @@ if triton is not None:
     def _stochastic_bits(y, rbits, IS_BF16: tl.constexpr):
         """Bit pattern (int32 holding 0..0xFFFF) of the contract's stochastic rounding of y."""
         if IS_BF16:
-            # In integers: the neighbour towards zero is |y|'s top 16 bits, the fraction of the
-            # gap is exactly low16 / 2**16, so "(r + 0.5)·2**-16 < fraction" is "r < low16".
-            # From 0x7F7F0000 on the next value away is inf (or y is inf/NaN): round to nearest.
-            # Identical to the float comparison below for every float32 pattern (tested);
-            # about 30 instructions per element fewer on sm_90.
-            bits = y.to(tl.int32, bitcast=True)
-            mag = bits & 0x7FFFFFFF
-            away = (mag >> 16) + (rbits < (mag & 0xFFFF)).to(tl.int32)
-            chosen = away | ((bits >> 16) & 0x8000)
-            return tl.where(mag >= 0x7F7F0000, _round_bf16_bits(y), chosen)
+            rounded = _stochastic_bf16(y, rbits)
         else:
-            return _stochastic_f16(y, rbits).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            rounded = _stochastic_f16(y, rbits)
+        return rounded.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+    @triton.jit
+    def _stochastic_bf16(y, rbits):
+        """The contract's stochastic rounding of float32 y to bfloat16, in integers.
+
+        The neighbour towards zero is y's top half, the fraction of the gap is exactly
+        low16 / 2**16, so "(r + 0.5)·2**-16 < fraction" is "r < low16", and adding 2**16 to y's
+        bits moves the top half one step away from zero. From 0x7F7F0000 on (the next value
+        away is inf) and for inf, round to nearest: with r = 0x7FFF the rule goes away exactly
+        when low16 ≥ 0x8000, and 0x7F7F is odd, so ties go away, to the even inf; inf's low half
+        is 0. NaN is stored as 0x7FC0. Identical to the contract's float rule for every float32 y
+        and r (tested); the same code in the interpreter and on a GPU.
+        """
+        bits = y.to(tl.int32, bitcast=True)
+        r = tl.where(tl.abs(y) >= 3.3895313892515355e+38, 0x7FFF, rbits)  # 0x7F7F0000
+        away = r < (bits & 0xFFFF)
+        chosen = bits + tl.where(away, 0x10000, 0)
+        return _high_halves(tl.where(y != y, 0x7FC00000, chosen))
+
+    @triton.jit
+    def _high_halves(words):
+        """The high halves of int32 words as bfloat16: one PRMT per two elements on a GPU."""
+        if INTERPRET_CONST:
+            return (words >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [words],
+                                             dtype=tl.bfloat16, is_pure=True, pack=2)
+
+    @triton.jit
+    def _bf16_to_f32(raw):
+        """bfloat16 to float32 (exact): one instruction per element on a GPU."""
+        if INTERPRET_CONST:
+            return raw.to(tl.float32)
+        else:
+            return tl.inline_asm_elementwise("{shl.b32 $0, $2, 16; and.b32 $1, $2, 0xFFFF0000;}",
+                                             "=r,=r,r", [raw], dtype=tl.float32, is_pure=True,
+                                             pack=2)
 
     @triton.jit
     def _f16_toward_zero(y):
@@ -369,27 +422,27 @@ if triton is not None:
         return tl.where(below, grid, storage)
 
     @triton.jit
-    def _rounding_bits(start, key, k0, k1, BLOCK: tl.constexpr):
-        group = start // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
+    def _rounding_bits(unit, key, k0, k1, BLOCK: tl.constexpr):
+        group = unit * 16 + tl.arange(0, BLOCK // 8).to(tl.int64)
         x0, x1, x2, x3 = _philox_groups(group, key, 2, k0, k1)
         words = tl.interleave(tl.interleave(x0, x2), tl.interleave(x1, x3))
         halves = tl.interleave(words & 0xFFFF, words >> 16)
         return halves.to(tl.int32)
 
     @triton.jit
-    def _block_result(raw, start, key, k0, k1, next_k0, next_k1, a, decay, b, a_next, multiple,
+    def _block_result(raw, unit, key, k0, k1, next_k0, next_k1, a, decay, b, a_next, multiple,
                       lq, t_bits, n_max, inv_q, t_bits32, a_q, a_next_q,
                       DTYPE: tl.constexpr, BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr,
                       UPDATE: tl.constexpr, STOCHASTIC: tl.constexpr, NEXT: tl.constexpr,
                       EXACT: tl.constexpr, MBITS: tl.constexpr, INF_BITS: tl.constexpr,
                       HW_TRIG: tl.constexpr):
-        """The values to store for the block of global elements [start, start + BLOCK)."""
+        """The values to store for the block of global elements [128·unit, 128·unit + BLOCK)."""
         IS_BF16: tl.constexpr = DTYPE == tl.bfloat16
         PAIRS: tl.constexpr = DTYPE != tl.float32  # 8 elements per 128-bit access
-        z = _noise_block(start, key, k0, k1, BLOCK, GAUSSIAN, HW_TRIG, PAIRS)
+        z = _noise_block(unit, key, k0, k1, BLOCK, GAUSSIAN, HW_TRIG, PAIRS)
         if EXACT:
             bits = raw.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            k = _rne_int(a_q * z)
+            k = _rne_int(_times_noise(a_q, z, GAUSSIAN))
             if UPDATE:
                 loaded = bits
                 bits = _step_on_grid(bits, k, lq, t_bits, n_max, MBITS, INF_BITS)
@@ -397,31 +450,32 @@ if triton is not None:
                 mag = bits & 0x7FFF
                 shift = tl.minimum(tl.maximum((mag >> MBITS) - (lq + 1), 0), 126)
                 r = tl.where(mag >= t_bits, ((127 - shift) << 23).to(tl.float32, bitcast=True), 1.0)
-                y = _to_f32(bits, IS_BF16) * decay - (b * z) * r
+                y = _to_f32(bits, IS_BF16) * decay - _times_noise(b, z, GAUSSIAN) * r
                 if STOCHASTIC:
-                    rbits = _rounding_bits(start, key, k0, k1, BLOCK)
+                    rbits = _rounding_bits(unit, key, k0, k1, BLOCK)
                 else:
                     rbits = bits
                 bits = _round_to_grid(y, rbits, inv_q, t_bits32, lq, t_bits, IS_BF16, MBITS,
                                       STOCHASTIC)
                 if NEXT:
-                    z_next = _noise_block(start, key, next_k0, next_k1, BLOCK, GAUSSIAN, HW_TRIG, PAIRS)
-                    bits = _step_on_grid(bits, _rne_int(a_next_q * z_next), lq, t_bits, n_max,
-                                         MBITS, INF_BITS)
+                    z_next = _noise_block(unit, key, next_k0, next_k1, BLOCK, GAUSSIAN, HW_TRIG, PAIRS)
+                    bits = _step_on_grid(bits, _rne_int(_times_noise(a_next_q, z_next, GAUSSIAN)),
+                                         lq, t_bits, n_max, MBITS, INF_BITS)
                 bits = tl.where((loaded & 0x7FFF) < INF_BITS, bits, loaded)  # inf/NaN stay
             else:
                 bits = _step_on_grid(bits, multiple * k, lq, t_bits, n_max, MBITS, INF_BITS)
             return bits.to(tl.int16).to(DTYPE, bitcast=True)
         else:
-            theta = raw.to(tl.float32)
+            theta = _bf16_to_f32(raw) if DTYPE == tl.bfloat16 else raw.to(tl.float32)
             if UPDATE:
-                y = (theta + a * z) * decay - b * z
+                y = (theta + _times_noise(a, z, GAUSSIAN)) * decay - _times_noise(b, z, GAUSSIAN)
             else:
-                y = theta + a * z
+                y = theta + _times_noise(a, z, GAUSSIAN)
             if NEXT:
-                y = y + a_next * _noise_block(start, key, next_k0, next_k1, BLOCK, GAUSSIAN, HW_TRIG, PAIRS)
+                z_next = _noise_block(unit, key, next_k0, next_k1, BLOCK, GAUSSIAN, HW_TRIG, PAIRS)
+                y = y + _times_noise(a_next, z_next, GAUSSIAN)
             if STOCHASTIC:
-                rbits = _rounding_bits(start, key, k0, k1, BLOCK)
+                rbits = _rounding_bits(unit, key, k0, k1, BLOCK)
                 return _stochastic_value(y, rbits, DTYPE)
             else:
                 return _stored(y, DTYPE)
@@ -485,26 +539,34 @@ if triton is not None:
                 t_bits32 = (127 + MBITS + exponent) << 23  # T as float32 bits
                 a_q = a * inv_q
                 a_next_q = a_next * inv_q
-            for blk in range(pid, n_blocks, n_programs):
-                local0 = (offset * 0 + blk) * BLOCK - lead  # int64: tensors may exceed 2**31
-                start = offset + local0
-                if aligned & (local0 >= 0) & (local0 + BLOCK <= numel):
-                    ptrs = tl.multiple_of((first + (local0 + lead) * ESIZE).to(tl.pointer_type(DTYPE)),
-                                          16) + tl.arange(0, BLOCK)
-                    raw = tl.load(ptrs)
-                    tl.store(ptrs, _block_result(
-                        raw, start, key, k0, k1, next_k0, next_k1, a, decay, b, a_next, multiple,
-                        lq, t_bits, n_max, inv_q, t_bits32, a_q, a_next_q, DTYPE, BLOCK, GAUSSIAN,
-                        UPDATE, STOCHASTIC, NEXT, EXACT, MBITS, INF_BITS, HW_TRIG))
-                else:
-                    local = local0 + tl.arange(0, BLOCK)
-                    mask = (local >= 0) & (local < numel)
-                    ptrs = base + local
-                    raw = tl.load(ptrs, mask=mask, other=0.0)
-                    tl.store(ptrs, _block_result(
-                        raw, start, key, k0, k1, next_k0, next_k1, a, decay, b, a_next, multiple,
-                        lq, t_bits, n_max, inv_q, t_bits32, a_q, a_next_q, DTYPE, BLOCK, GAUSSIAN,
-                        UPDATE, STOCHASTIC, NEXT, EXACT, MBITS, INF_BITS, HW_TRIG), mask=mask)
+            # Whole blocks [whole_lo, whole_hi) of an aligned tensor: no checks per block. The
+            # others (block 0 when the tensor starts inside it, the last partial block, every
+            # block of a misaligned view) are masked.
+            whole_lo = (lead > 0).to(tl.int64)
+            whole_hi = tl.where(aligned, tl.maximum((numel + lead) // BLOCK, whole_lo), whole_lo)
+            unit0 = offset // 128  # the 128-element unit where block 0 starts
+            for blk in range(pid + (pid < whole_lo).to(tl.int64) * n_programs, whole_hi,
+                             n_programs):
+                ptrs = tl.multiple_of((first + blk * (BLOCK * ESIZE)).to(tl.pointer_type(DTYPE)),
+                                      16) + tl.arange(0, BLOCK)
+                raw = tl.load(ptrs)
+                tl.store(ptrs, _block_result(
+                    raw, unit0 + blk * (BLOCK // 128), key, k0, k1, next_k0, next_k1, a, decay, b,
+                    a_next, multiple, lq, t_bits, n_max, inv_q, t_bits32, a_q, a_next_q, DTYPE,
+                    BLOCK, GAUSSIAN, UPDATE, STOCHASTIC, NEXT, EXACT, MBITS, INF_BITS, HW_TRIG))
+            # the masked blocks, numbered densely: [0, whole_lo), then [whole_hi, n_blocks)
+            n_edges = whole_lo + n_blocks - whole_hi
+            for edge in range(pid, n_edges, n_programs):
+                blk = tl.where(edge < whole_lo, edge, edge - whole_lo + whole_hi)
+                local = blk * BLOCK - lead + tl.arange(0, BLOCK)
+                mask = (local >= 0) & (local < numel)
+                ptrs = base + local
+                raw = tl.load(ptrs, mask=mask, other=0.0)
+                tl.store(ptrs, _block_result(
+                    raw, unit0 + blk * (BLOCK // 128), key, k0, k1, next_k0, next_k1, a, decay, b,
+                    a_next, multiple, lq, t_bits, n_max, inv_q, t_bits32, a_q, a_next_q, DTYPE,
+                    BLOCK, GAUSSIAN, UPDATE, STOCHASTIC, NEXT, EXACT, MBITS, INF_BITS, HW_TRIG),
+                    mask=mask)
 
 
 _TL_DTYPE = {}
@@ -792,6 +854,25 @@ def _compile_in_subprocesses(specs, jobs):
     if failures:
         raise RuntimeError("ahead-of-time compilation failed:\n" + "\n".join(failures))
     return [results[s] for s in specs]
+
+
+def pass_variants(exact: bool = True) -> list[dict]:
+    """Every pass a launch can run, as compile_pass keyword arguments: dtype × distribution ×
+    pass (perturb; restore-and-update, with stochastic rounding for 16-bit dtypes, and fused with
+    the next step's perturbation) × exact mode (16-bit dtypes; left out with exact=False)."""
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        sixteen = dtype != torch.float32
+        for distribution in _DISTRIBUTIONS:
+            for ex in ((False, True) if sixteen and exact else (False,)):
+                out.append(dict(dtype=dtype, distribution=distribution, update=False,
+                                stochastic_rounding=False, fused_next=False, exact=ex))
+                for stochastic in ((False, True) if sixteen else (False,)):
+                    for fused_next in (False, True):
+                        out.append(dict(dtype=dtype, distribution=distribution, update=True,
+                                        stochastic_rounding=stochastic, fused_next=fused_next,
+                                        exact=ex))
+    return out
 
 
 def compile_passes(cc, variants, jobs=None) -> list:
