@@ -160,10 +160,10 @@ void noise_block(const Variant& v, float* z, bool gaussian, uint64_t block_start
 
 // Asks for the weights in [data, data + bytes) to be brought into L2. A pass computes a block's
 // noise and then applies it; weights that come from memory would otherwise only start moving
-// when the apply step reads them, after the noise work, instead of during it. Measured on
-// 10^8 bfloat16 weights (one thread, memory shared with other jobs): Rademacher perturb 0.43 ->
-// 0.34 ns per element, restore-and-update with stochastic rounding 0.73 -> 0.53; no change in
-// cache.
+// when the apply step reads them, after the noise work, instead of during it. Measured with the
+// block functions on 10^8 bfloat16 weights (one thread, memory shared with other jobs):
+// Rademacher perturb 0.43 -> 0.34 ns per element, restore-and-update with stochastic rounding
+// 0.73 -> 0.53; no change in cache.
 inline void prefetch_to_l2(const char* data, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(data + offset, 0, 1);
 }
