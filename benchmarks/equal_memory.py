@@ -4,6 +4,7 @@
     python benchmarks/equal_memory.py --status      # what is done, what is running, what is left
     python benchmarks/equal_memory.py --report      # figure + summary from the CSV as it stands
     python benchmarks/equal_memory.py --smoke       # the whole pipeline on tiny sizes (runs/, not results/)
+    python benchmarks/equal_memory.py --memory      # each variant's peak in fresh processes vs fastzo.memory
 
 The claim of the on-device ZO paper (Katti, Park, Rajendran and Simeone 2025, Fig. 4): under a
 fixed memory budget MeZO can fine-tune a much larger model than backprop can, and given enough
@@ -37,6 +38,11 @@ Resumable: after each evaluation the cell saves a checkpoint (weights, optimizer
 peak) into ``--work-dir``; a rerun skips the cells whose last row is in the CSV and continues an
 unfinished cell from its last checkpoint. Wall-clock of a cell that was paused (SIGSTOP) includes
 the pause; CPU time does not.
+
+The peak of a training cell also holds what its evaluations (batch 32) left in the heap. ``--memory``
+measures each variant apart: a fresh process, 20 training steps, no evaluation, under glibc's
+default allocator settings and under a fixed mmap threshold (``ALLOCATORS``), against
+``fastzo.memory.encoder_estimate`` (``equal_memory_peaks.csv``; a few minutes per variant).
 
 Writes ``benchmarks/results/equal_memory.csv`` and ``.png`` (``--report`` redraws the figure and
 prints the summary: peak memory, accuracy, time to reach MiniLM backprop's best accuracy).
