@@ -1,7 +1,7 @@
 """CPU passes of backend "cpp", per element and core, against the memory ceiling and plain PyTorch.
 
-In one run, for float32 and bfloat16 weights, 10^6 elements (in cache) and 10^8 (from memory),
-with 1 thread and every thread count up to the machine's cores:
+In one run, for float32, bfloat16 and float16 weights, 10^6 elements (in cache) and 10^8 (from
+memory), with 1 thread and every thread count up to the machine's cores:
 
 - ``add_``: ``w.add_(1e-3)``, an in-place read and write of the same bytes as a pass. The
   *ceiling* is the fastest of all its runs and of as many ``dst.copy_(w)`` runs (the best the
@@ -12,7 +12,8 @@ with 1 thread and every thread count up to the machine's cores:
   16-bit weights), Gaussian and Rademacher z;
 - ``cpp-before`` (``--baseline PATH``): the same passes of another build of ``fastzo._C`` loaded
   beside this one, e.g. one built from the commit before the vector kernels, so before/after
-  ratios come from one run on one machine state.
+  ratios come from one run on one machine state; further builds as ``--baseline LABEL=PATH``
+  (backend ``cpp-LABEL``), e.g. an older starting point.
 
 The cores are shared, so the cases are interleaved: every round times each case once, in a
 shuffled order, and a case's median (p20, p80) is over rounds. Times are reported as ns per
@@ -26,6 +27,8 @@ forwards.
 
     flock /tmp/fastzo-bench.lock .venv/bin/python benchmarks/bench_cpp.py \\
         --baseline /path/to/old/fastzo/_C.cpython-311-x86_64-linux-gnu.so --finetune-steps 30
+    # two earlier builds: cpp-before and cpp-origin
+    ... --baseline /path/to/previous/_C...so --baseline origin=/path/to/first/_C...so
     flock /tmp/fastzo-bench.lock .venv/bin/python benchmarks/bench_cpp.py --quick   # 10^6 only
 """
 
@@ -62,9 +65,9 @@ EPS = 1e-3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_extension_copy(path: Path):
+def load_extension_copy(path: Path, index: int = 0):
     """Another build of fastzo._C as a separate module (its own copy of the kernels)."""
-    name = "fastzo_baseline._C"  # the init function is PyInit__C, as in the real module
+    name = f"fastzo_baseline{index}._C"  # the init function is PyInit__C, as in the real module
     loader = importlib.machinery.ExtensionFileLoader(name, str(path))
     spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
     module = importlib.util.module_from_spec(spec)
@@ -158,10 +161,11 @@ def machine_report() -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--baseline", type=Path, default=None,
-                        help="a fastzo._C shared object of another build to compare with")
+    parser.add_argument("--baseline", action="append", default=[], metavar="[LABEL=]PATH",
+                        help="a fastzo._C shared object of another build to compare with (backend "
+                             "cpp-before, or cpp-LABEL); repeatable")
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e8])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="thread counts (default 1 .. os.cpu_count())")
     parser.add_argument("--rounds", type=int, default=None,
@@ -176,8 +180,14 @@ def main(argv=None):
         args.sizes, args.rounds = [1e6], args.rounds or 9
 
     extensions = {"cpp": cpp_backend.load_extension()}
-    if args.baseline is not None:
-        extensions["cpp-before"] = load_extension_copy(args.baseline)
+    for index, spec in enumerate(args.baseline):
+        label, sep, path = spec.rpartition("=")
+        if not sep and index > 0:
+            parser.error(f"--baseline {spec}: give every baseline after the first a LABEL=PATH")
+        label = f"cpp-{label}" if sep else "cpp-before"
+        if label in extensions:
+            parser.error(f"--baseline {spec}: label {label} given twice")
+        extensions[label] = load_extension_copy(Path(path), index)
     thread_counts = args.threads or list(range(1, (os.cpu_count() or 1) + 1))
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     load_start = os.getloadavg()
@@ -295,12 +305,20 @@ def summarize(results, finetune, thread_counts, ceiling_rows=True) -> list[str]:
     sizes = sorted({c[1] for c in med})
     small, large = sizes[0], sizes[-1]
     tmax = max(thread_counts)
+    baselines = sorted({backend for times in med.values() for _, backend in times
+                        if backend.startswith("cpp-")})
+
+    def before_after(cfg, bench):
+        """'before/after 1.23x (origin/after 2.34x)': speed-ups of this build over each baseline."""
+        parts = [f"{b[4:]}/after {r(cfg, (bench, b), (bench, 'cpp')):.2f}x" for b in baselines]
+        return ", ".join(parts) if parts else "no baseline"
+
     lines = []
     for dt in sorted({c[0] for c in med}):
         one = (dt, small, 1)
         lines.append(f"- {dt}, n={small:.0e}, 1 thread: Gaussian perturb {r(one, ('randn', 'torch'), ('perturb_gaussian', 'cpp')):.2f}x "
                      f"faster than torch.randn alone, {r(one, ('randn_add', 'torch'), ('perturb_gaussian', 'cpp')):.2f}x than randn + add_; "
-                     f"before/after {r(one, ('perturb_gaussian', 'cpp-before'), ('perturb_gaussian', 'cpp')):.2f}x")
+                     + before_after(one, "perturb_gaussian"))
         kind = "update_sr" if dt != "float32" else "update"
         for dist in ("gaussian", "rademacher"):
             for size in sizes:
@@ -308,14 +326,16 @@ def summarize(results, finetune, thread_counts, ceiling_rows=True) -> list[str]:
                     cfg = (dt, size, threads)
                     if cfg not in med:
                         continue
+                    earlier = "".join(f", {b[4:]} {r(cfg, (f'{kind}_{dist}', b), (f'perturb_{dist}', b)):.2f}"
+                                      for b in baselines)
                     lines.append(f"- {dt}, n={size:.0e}, {threads} thread(s), {dist}: {kind} / perturb = "
                                  f"{r(cfg, (f'{kind}_{dist}', 'cpp'), (f'perturb_{dist}', 'cpp')):.2f} "
-                                 f"(before {r(cfg, (f'{kind}_{dist}', 'cpp-before'), (f'perturb_{dist}', 'cpp-before')):.2f}); "
+                                 f"({earlier[2:] or 'no baseline'}); "
                                  f"perturb / add_ = {r(cfg, (f'perturb_{dist}', 'cpp'), ('add_', 'torch')):.2f}; "
-                                 f"perturb before/after {r(cfg, (f'perturb_{dist}', 'cpp-before'), (f'perturb_{dist}', 'cpp')):.2f}x, "
-                                 f"{kind} before/after {r(cfg, (f'{kind}_{dist}', 'cpp-before'), (f'{kind}_{dist}', 'cpp')):.2f}x")
+                                 f"perturb {before_after(cfg, f'perturb_{dist}')}; "
+                                 f"{kind} {before_after(cfg, f'{kind}_{dist}')}")
         if tmax > 1:
-            for backend in ("cpp", "cpp-before"):
+            for backend in ["cpp"] + baselines:
                 speedups = []
                 for bench in ("perturb_gaussian", "perturb_rademacher", f"{kind}_gaussian", f"{kind}_rademacher"):
                     try:

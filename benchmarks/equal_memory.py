@@ -4,6 +4,7 @@
     python benchmarks/equal_memory.py --status      # what is done, what is running, what is left
     python benchmarks/equal_memory.py --report      # figure + summary from the CSV as it stands
     python benchmarks/equal_memory.py --smoke       # the whole pipeline on tiny sizes (runs/, not results/)
+    python benchmarks/equal_memory.py --memory      # each variant's peak in fresh processes vs fastzo.memory
 
 The claim of the on-device ZO paper (Katti, Park, Rajendran and Simeone 2025, Fig. 4): under a
 fixed memory budget MeZO can fine-tune a much larger model than backprop can, and given enough
@@ -38,6 +39,11 @@ peak) into ``--work-dir``; a rerun skips the cells whose last row is in the CSV 
 unfinished cell from its last checkpoint. Wall-clock of a cell that was paused (SIGSTOP) includes
 the pause; CPU time does not.
 
+The peak of a training cell also holds what its evaluations (batch 32) left in the heap. ``--memory``
+measures each variant apart: a fresh process, 20 training steps, no evaluation, under glibc's
+default allocator settings and under a fixed mmap threshold (``ALLOCATORS``), against
+``fastzo.memory.encoder_estimate`` (``equal_memory_peaks.csv``; a few minutes per variant).
+
 Writes ``benchmarks/results/equal_memory.csv`` and ``.png`` (``--report`` redraws the figure and
 prints the summary: peak memory, accuracy, time to reach MiniLM backprop's best accuracy).
 """
@@ -55,6 +61,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 try:
     import fastzo  # noqa: F401
@@ -227,12 +234,13 @@ def load_task(task: str, smoke: bool):
     return data, train, val, test
 
 
-def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: int | None) -> None:
-    """Train and evaluate one cell in this process, continuing from its checkpoint if any."""
+def prepare_cell(cell: Cell, smoke: bool, threads: int | None) -> SimpleNamespace:
+    """Data, tokenizer, model and trainer of a cell, as its training process holds them; the
+    process baseline (RSS before the model) is measured after the data is encoded."""
     import torch
 
     from fastzo.finetune import (DEFAULT_TEMPLATE, Task, Trainer, _resolved_backend, _rss_mb,
-                                 _trim_process_memory, build_model, encode_all, resolve_model, train_batches)
+                                 _trim_process_memory, build_model, encode_all, resolve_model)
 
     if threads:
         torch.set_num_threads(threads)
@@ -243,16 +251,28 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
     train_ids = encode_all(spec, train[0], MAX_LENGTH)
     eval_texts, eval_labels = val if cell.split == "validation" else test
     eval_ids = encode_all(spec, eval_texts, MAX_LENGTH)
-    pad = spec.tokenizer.pad_id
     _trim_process_memory()
     baseline = _rss_mb("VmRSS")  # torch, transformers, tokenizer and data; no model yet
     model = build_model(spec).to(dtype=getattr(torch, cell.dtype))
-    task = Task("embedding", model)
     kwargs = dict(lr=cell.lr, weight_decay=0.0, seed=cell.seed)
     if cell.method == "mezo":
         kwargs.update(eps=EPS, distribution=cell.distribution, fused_steps=True)
-    trainer = Trainer(cell.method, task, device, **kwargs)
+    trainer = Trainer(cell.method, Task("embedding", model), device, **kwargs)
     backend = _resolved_backend(None, device) if cell.method == "mezo" else "autograd"
+    return SimpleNamespace(device=device, train=train, train_ids=train_ids, eval_ids=eval_ids,
+                           eval_labels=eval_labels, pad=spec.tokenizer.pad_id, baseline=baseline, model=model,
+                           trainer=trainer, backend=backend)
+
+
+def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: int | None) -> None:
+    """Train and evaluate one cell in this process, continuing from its checkpoint if any."""
+    import torch
+
+    from fastzo.finetune import train_batches
+
+    c = prepare_cell(cell, smoke, threads)
+    device, train, trainer, model, pad = c.device, c.train, c.trainer, c.model, c.pad
+    train_ids, eval_ids, eval_labels, baseline, backend = c.train_ids, c.eval_ids, c.eval_labels, c.baseline, c.backend
 
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt = work_dir / (cell.name.replace("/", "__") + ".pt")
@@ -345,6 +365,79 @@ def probe_runtime(threads: int | None = None) -> dict:
     _trim_process_memory()
     after = _rss_mb("VmRSS")
     return {"baseline_mib": round(before, 1), "runtime_mib": round(after - before, 1)}
+
+
+# Allocator settings of the memory probe. glibc's default raises its mmap threshold after the
+# first large free (up to 32 MiB), so later tensors below it come from heap arenas that keep freed
+# pages: the peak RSS then exceeds the live tensors by what the arenas retain. A fixed threshold
+# maps and unmaps every tensor of 128 KiB or more, so the peak RSS follows the live tensors.
+ALLOCATORS = {"glibc default": {}, "fixed mmap threshold 128 KiB": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+MEMORY_STEPS = 20
+PEAK_FIELDS = ["time_utc", "git_commit", "allocator", "model", "method", "dtype", "distribution", "steps",
+               "baseline_rss_mib", "runtime_mib", "peak_rss_mib", "predicted_mib", "error_pct", "threads",
+               "cpu_model", "load1"]
+
+
+def probe_memory(cell: Cell, smoke: bool, threads: int | None, steps: int) -> dict:
+    """In this (fresh) process: the peak RSS of ``steps`` training steps of a cell, with no
+    evaluation before or between them (an evaluation's batches would leave the heap larger)."""
+    from fastzo.finetune import train_batches
+
+    c = prepare_cell(cell, smoke, threads)
+    c.trainer.train(train_batches(c.train_ids, c.train[1], BATCH, cell.seed, c.pad, c.device), steps)
+    return {"baseline_mib": round(c.baseline, 1), "peak_mib": round(c.trainer.peak_mb, 1)}
+
+
+def memory_variants(smoke: bool) -> list[Cell]:
+    """One cell per variant (model, method, dtype, z) of the plan, as a memory probe runs it."""
+    seen, cells = set(), []
+    for cell in plan(smoke):
+        key = (cell.model, cell.method, cell.dtype, cell.distribution)
+        if cell.phase == "main" and key not in seen:
+            seen.add(key)
+            cells.append(dataclasses.replace(cell, lr=LR_GRIDS[(cell.model, cell.method)][0]))
+    return cells
+
+
+def measure_memory(args) -> int:
+    """Every variant's peak RSS in fresh processes, under each allocator setting, against
+    ``fastzo.memory``'s prediction with the runtime share measured under the same setting."""
+    out = Path(args.csv).with_name(Path(args.csv).stem + "_peaks.csv")
+    steps = 2 if args.smoke else MEMORY_STEPS
+    rows = []
+    for allocator, extra_env in ALLOCATORS.items():
+        env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **extra_env)
+        runtime = _runtime_mib(args.threads, env)
+        for cell in memory_variants(args.smoke):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-memory",
+                   json.dumps(dataclasses.asdict(cell)), "--memory-steps", str(steps)]
+            if args.smoke:
+                cmd.append("--smoke")
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if res.returncode != 0:
+                print(f"[{allocator}] {cell.model} {cell.method}: failed\n{res.stderr[-2000:]}", flush=True)
+                continue
+            got = json.loads(res.stdout.strip().splitlines()[-1])
+            predicted = predicted_peak_mib(cell.model, cell.method, cell.dtype, got["baseline_mib"] + runtime)
+            error = 100 * (predicted - got["peak_mib"]) / got["peak_mib"] if predicted else None
+            row = dict(time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), git_commit=git_commit(),
+                       allocator=allocator, model=cell.model, method=cell.method, dtype=cell.dtype,
+                       distribution=cell.distribution if cell.method == "mezo" else "", steps=steps,
+                       baseline_rss_mib=got["baseline_mib"], runtime_mib=runtime, peak_rss_mib=got["peak_mib"],
+                       predicted_mib=round(predicted, 1) if predicted else "",
+                       error_pct=round(error, 1) if error is not None else "",
+                       threads=args.threads or "", cpu_model=cpu_name(), load1=round(os.getloadavg()[0], 2))
+            rows.append(row)
+            print(f"[{allocator}] {_label(_variant(row))}: peak {got['peak_mib']:,.0f} MiB, predicted "
+                  f"{row['predicted_mib']} MiB ({row['error_pct']} %)", flush=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=PEAK_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
+    return 0 if rows else 1
 
 
 # ------------------------------------------------------------------------------- the driver
@@ -478,13 +571,13 @@ def predicted_peak_mib(model: str, method: str, dtype: str, baseline_mib: float)
     return est["BP" if method == "bp" else "MeZO"].step_peak / 2**20
 
 
-def _runtime_mib(threads: int | None = None) -> float:
+def _runtime_mib(threads: int | None = None, env: dict | None = None) -> float:
     values = []
     for _ in range(3):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-runtime"]
         if threads:
             cmd += ["--threads", str(threads)]
-        env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+        env = env or dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         if out.returncode == 0:
             values.append(json.loads(out.stdout.strip().splitlines()[-1])["runtime_mib"])
@@ -573,6 +666,21 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
         lines.append(f"| {_label(variant)} | {measured:,.0f} (n={len(peaks)}) | {base:,.0f} + {runtime:.0f} | {pred} "
                      f"| {err} |")
     lines.append("")
+
+    peaks_csv = csv_path.with_name(csv_path.stem + "_peaks.csv")
+    probes = read_rows(peaks_csv)
+    if probes:
+        lines += [f"Peak RSS in fresh processes, {probes[0]['steps']} training steps and no evaluation "
+                  f"(`--memory`, {peaks_csv.name}; the runtime share re-measured under each allocator setting):", "",
+                  "| cell | allocator | baseline + libraries MiB | measured peak MiB | predicted MiB | error |",
+                  "|---|---|---|---|---|---|"]
+        for r in probes:
+            lines.append(f"| {_label(_variant(r))} | {r['allocator']} | {float(r['baseline_rss_mib']):,.0f} + "
+                         f"{float(r['runtime_mib']):,.0f} | {float(r['peak_rss_mib']):,.0f} | "
+                         f"{float(r['predicted_mib']):,.0f} | {float(r['error_pct']):+.1f} % |"
+                         if r["predicted_mib"] else f"| {_label(_variant(r))} | {r['allocator']} | – | "
+                         f"{float(r['peak_rss_mib']):,.0f} | – | – |")
+        lines.append("")
 
     # Gaussian against Rademacher on MPNet: accuracy gained per CPU-second and CPU-seconds per step.
     for task in tasks:
@@ -678,6 +786,12 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, separate CSV: checks the pipeline")
     p.add_argument("--status", action="store_true", help="print the plan and what is done")
     p.add_argument("--report", action="store_true", help="redraw the figure and print the summary")
+    p.add_argument("--memory", action="store_true",
+                   help=f"peak memory of every variant in fresh processes ({MEMORY_STEPS} steps, no evaluation), "
+                        "under glibc's default allocator settings and a fixed mmap threshold, against "
+                        "fastzo.memory's prediction: writes <csv stem>_peaks.csv")
+    p.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-steps", type=int, default=MEMORY_STEPS, help=argparse.SUPPRESS)
     p.add_argument("--run-cell", default=None, help=argparse.SUPPRESS)
     p.add_argument("--probe-runtime", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -695,6 +809,13 @@ def main(argv=None) -> int:
     if args.probe_runtime:
         print(json.dumps(probe_runtime(args.threads)))
         return 0
+    if args.probe_memory:
+        cell = Cell(**json.loads(args.probe_memory))
+        cell.evals = tuple(cell.evals)
+        print(json.dumps(probe_memory(cell, args.smoke, args.threads, args.memory_steps)))
+        return 0
+    if args.memory:
+        return measure_memory(args)
     if args.status:
         return status(args)
     if args.report:

@@ -158,6 +158,16 @@ void noise_block(const Variant& v, float* z, bool gaussian, uint64_t block_start
   }
 }
 
+// Asks for the weights in [data, data + bytes) to be brought into L2. A pass computes a block's
+// noise and then applies it; weights that come from memory would otherwise only start moving
+// when the apply step reads them, after the noise work, instead of during it. Measured with the
+// block functions on 10^8 bfloat16 weights (one thread, memory shared with other jobs):
+// Rademacher perturb 0.43 -> 0.34 ns per element, restore-and-update with stochastic rounding
+// 0.73 -> 0.53; no change in cache.
+inline void prefetch_to_l2(const char* data, int64_t bytes) {
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(data + offset, 0, 1);
+}
+
 // Local elements [begin, end) of one tensor, all inside one chunk.
 void run_range(const Variant& v, const TensorJob& job, int64_t begin, int64_t end,
                const PassConstants& c) {
@@ -165,11 +175,16 @@ void run_range(const Variant& v, const TensorJob& job, int64_t begin, int64_t en
   alignas(64) uint16_t r[kBlock];
   alignas(64) float z_next[kBlock];
   const bool stochastic = c.pass.stochastic && job.storage != StorageKind::kFloat32;
+  prefetch_to_l2(job.data + begin * job.element_size,
+                 (std::min(end, begin + kBlock) - begin) * job.element_size);
   while (begin < end) {
     const int64_t global = job.offset + begin;
     const int64_t block_start = global - global % kBlock;
     const int64_t stop = std::min(end, block_start + kBlock - job.offset);
     const uint64_t start = static_cast<uint64_t>(block_start);
+    // the next block's weights, while this block's noise is computed
+    prefetch_to_l2(job.data + stop * job.element_size,
+                   (std::min(end, stop + kBlock) - stop) * job.element_size);
     noise_block(v, z, c.gaussian, start, job.key, c.seed_lo, c.seed_hi);
     if (stochastic) v.rounding_block(r, start, job.key, c.seed_lo, c.seed_hi);
     if (c.pass.next) {

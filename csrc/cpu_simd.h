@@ -4,15 +4,19 @@
 //
 //   "scalar"  the contract's per-element code of noise_contract.h (the reference);
 //   "avx512"  16 lanes, x86-64 with AVX-512 F/BW/DQ/VL;
-//   "avx2"    8 lanes, x86-64 with AVX2 and F16C;
+//   "avx2"    8 lanes, x86-64 with AVX2, FMA and F16C;
 //   "neon"    4 lanes, aarch64.
 //
 // The vector variants run the contract's operations in the same order with the same float32
-// roundings (no FMA contraction, IEEE sqrt, division and conversions), lanes over consecutive
-// Philox counter groups, so they give the scalar variant's bits exactly: Philox words,
-// Rademacher signs and stochastic-rounding values, and also the Gaussian z and the stored
-// weights. A torch-free header so that tests/native/simd_check.cpp can compile it for another
-// architecture (aarch64 under qemu) and compare every variant with the scalar one.
+// roundings (IEEE sqrt, division and conversions; the passes' arithmetic never contracted), lanes
+// over consecutive Philox counter groups, so they give the scalar variant's bits exactly: Philox
+// words, Rademacher signs, stochastic-rounding values, and every stored weight for the same z.
+// The one difference is in the Box-Muller polynomials, whose steps (poly_step of noise_contract.h)
+// the vector variants fuse into FMAs, as the CUDA and Triton kernels do, and the portable scalar
+// code does not: their Gaussian z (identical among the vector variants) differ from the scalar
+// variant's by a few float32 ulps, all within the bound stated in docs/native.md. A torch-free
+// header so that tests/native/simd_check.cpp can compile it for another architecture (aarch64
+// under qemu) and compare every variant with the scalar one.
 //
 // The vector variants need GCC (vector extensions, __builtin_shuffle, #pragma GCC target); other
 // compilers get the scalar variant only.
@@ -240,20 +244,57 @@ typedef float F __attribute__((vector_size(64)));
 typedef uint16_t H __attribute__((vector_size(32)));
 constexpr const char* kName = "avx512";
 
-// hi and lo words of a * b (b the same in every lane), 16 lanes: vpmuludq on the even lanes and
-// on the odd ones (swapped into even places), then two masked in-lane swaps put each product's
-// words in place. Shuffles rather than 64-bit shifts: 512-bit shifts and multiplies share one
-// port on Intel cores, shuffles use another.
-static FASTZO_INLINE void mulhilo(U a, uint32_t b, U& hi, U& lo) {
-  const __m512i va = (__m512i)a;
-  const __m512i vb = _mm512_set1_epi32(static_cast<int>(b));
-  const __m512i even = _mm512_mul_epu32(va, vb);
-  const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(va, _MM_PERM_CDAB), vb);
-  hi = (U)_mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_CDAB);
-  lo = (U)_mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CDAB);
+// Philox4x32-10 on 16 lanes. vpmuludq multiplies the low words of the 64-bit lanes and leaves
+// each product's high word in the high place, so the state is kept as two vectors: "even" holds
+// the even lanes (in the low words of its 64-bit lanes), "odd" the odd lanes swapped into the low
+// words once at the start; the high words of both are don't-care until the two are merged at the
+// end. Per round and 16 lanes that is 4 multiplies, 4 in-lane swaps (each product's high word
+// down into the low place) and 4 three-way XORs (vpternlogd): 12 instructions, the limit of two
+// vector ports, against 16 when both words of every product are put back in place each round
+// (stochastic-rounding bits, block function alone: 0.20 -> 0.18 ns per element).
+static FASTZO_INLINE void philox10(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1) {
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+  __m512i e0 = (__m512i)c0, e1 = (__m512i)c1, e2 = (__m512i)c2, e3 = (__m512i)c3;
+  __m512i o0 = _mm512_shuffle_epi32(e0, _MM_PERM_CDAB);
+  __m512i o1 = _mm512_shuffle_epi32(e1, _MM_PERM_CDAB);
+  __m512i o2 = _mm512_shuffle_epi32(e2, _MM_PERM_CDAB);
+  __m512i o3 = _mm512_shuffle_epi32(e3, _MM_PERM_CDAB);
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) {
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0 + round * kPhiloxW0));
+    const __m512i key1 = _mm512_set1_epi32(static_cast<int>(k1 + round * kPhiloxW1));
+    const __m512i even0 = _mm512_mul_epu32(e0, m0), even1 = _mm512_mul_epu32(e2, m1);
+    const __m512i odd0 = _mm512_mul_epu32(o0, m0), odd1 = _mm512_mul_epu32(o2, m1);
+    // c0 = hi1 ^ c1 ^ k0, c2 = hi0 ^ c3 ^ k1 (0x96: a ^ b ^ c); c1 = lo1, c3 = lo0
+    e0 = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(even1, _MM_PERM_CDAB), e1, key0, 0x96);
+    e2 = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(even0, _MM_PERM_CDAB), e3, key1, 0x96);
+    o0 = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(odd1, _MM_PERM_CDAB), o1, key0, 0x96);
+    o2 = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(odd0, _MM_PERM_CDAB), o3, key1, 0x96);
+    e1 = even1;
+    e3 = even0;
+    o1 = odd1;
+    o3 = odd0;
+  }
+  c0 = (U)_mm512_mask_shuffle_epi32(e0, 0xAAAA, o0, _MM_PERM_CDAB);
+  c1 = (U)_mm512_mask_shuffle_epi32(e1, 0xAAAA, o1, _MM_PERM_CDAB);
+  c2 = (U)_mm512_mask_shuffle_epi32(e2, 0xAAAA, o2, _MM_PERM_CDAB);
+  c3 = (U)_mm512_mask_shuffle_epi32(e3, 0xAAAA, o3, _MM_PERM_CDAB);
 }
 
 static FASTZO_INLINE F sqrt_v(F x) { return (F)_mm512_sqrt_ps((__m512)x); }
+static FASTZO_INLINE F fma_v(F a, F b, F c) {
+  return (F)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
+// Tests for the rare special cases, straight from the comparison masks.
+static FASTZO_INLINE bool any_above(U x, uint32_t limit) {
+  return _mm512_cmpgt_epu32_mask((__m512i)x, _mm512_set1_epi32(static_cast<int>(limit))) != 0;
+}
+static FASTZO_INLINE bool any_nan(F y) {
+  return _mm512_cmp_ps_mask((__m512)y, (__m512)y, _CMP_UNORD_Q) != 0;
+}
+// 16-bit patterns <-> uint32 lanes (zero-extended / truncated).
+static FASTZO_INLINE U widen(H h) { return (U)_mm512_cvtepu16_epi32((__m256i)h); }
+static FASTZO_INLINE H narrow(U x) { return (H)_mm512_cvtepi32_epi16((__m512i)x); }
 
 // IEEE float16 <-> float32 conversions (exact; round to nearest even), as c10's.
 static FASTZO_INLINE F half_to_float_h(H h) { return (F)_mm512_cvtph_ps((__m256i)h); }
@@ -261,13 +302,15 @@ static FASTZO_INLINE H float_to_half_h(F y) {
   return (H)_mm512_cvtps_ph((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
+#define FASTZO_VARIANT_PHILOX10 1
 #include "cpu_simd_body.inc"
+#undef FASTZO_VARIANT_PHILOX10
 }  // namespace avx512
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2,f16c")
+#pragma GCC target("avx2,f16c,fma")
 namespace avx2 {
 constexpr int W = 8;
 typedef uint32_t U __attribute__((vector_size(32)));
@@ -286,6 +329,22 @@ static FASTZO_INLINE void mulhilo(U a, uint32_t b, U& hi, U& lo) {
 }
 
 static FASTZO_INLINE F sqrt_v(F x) { return (F)_mm256_sqrt_ps((__m256)x); }
+static FASTZO_INLINE F fma_v(F a, F b, F c) {
+  return (F)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+}
+static FASTZO_INLINE bool any_above(U x, uint32_t limit) {
+  const I above = (I)(x ^ 0x80000000u) > static_cast<int32_t>(limit ^ 0x80000000u);
+  return !_mm256_testz_si256((__m256i)above, (__m256i)above);
+}
+static FASTZO_INLINE bool any_nan(F y) {
+  return _mm256_movemask_ps(_mm256_cmp_ps((__m256)y, (__m256)y, _CMP_UNORD_Q)) != 0;
+}
+static FASTZO_INLINE U widen(H h) { return (U)_mm256_cvtepu16_epi32((__m128i)h); }
+static FASTZO_INLINE H narrow(U x) {  // values below 2^16: unsigned saturation keeps them
+  const __m128i lo = _mm256_castsi256_si128((__m256i)x);
+  const __m128i hi = _mm256_extracti128_si256((__m256i)x, 1);
+  return (H)_mm_packus_epi32(lo, hi);
+}
 
 static FASTZO_INLINE F half_to_float_h(H h) { return (F)_mm256_cvtph_ps((__m128i)h); }
 static FASTZO_INLINE H float_to_half_h(F y) {
@@ -316,6 +375,17 @@ static FASTZO_INLINE void mulhilo(U a, uint32_t b, U& hi, U& lo) {
 }
 
 static FASTZO_INLINE F sqrt_v(F x) { return (F)vsqrtq_f32((float32x4_t)x); }
+static FASTZO_INLINE F fma_v(F a, F b, F c) {
+  return (F)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b);
+}
+static FASTZO_INLINE bool any_above(U x, uint32_t limit) {
+  return vmaxvq_u32((uint32x4_t)x) > limit;
+}
+static FASTZO_INLINE bool any_nan(F y) {
+  return vminvq_u32(vceqq_f32((float32x4_t)y, (float32x4_t)y)) == 0;
+}
+static FASTZO_INLINE U widen(H h) { return (U)vmovl_u16((uint16x4_t)h); }
+static FASTZO_INLINE H narrow(U x) { return (H)vmovn_u32((uint32x4_t)x); }
 
 static FASTZO_INLINE F half_to_float_h(H h) {
   return (F)vcvt_f32_f16(vreinterpret_f16_u16((uint16x4_t)h));
@@ -355,7 +425,8 @@ static inline bool cpu_can_run(const Variant& v) {
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   }
   if (strcmp(v.name, "avx2") == 0) {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+           __builtin_cpu_supports("fma");
   }
 #endif
   (void)v;

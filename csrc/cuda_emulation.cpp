@@ -1,7 +1,8 @@
 // Test harness, not part of fastzo._C: runs the CUDA pass kernel (cuda_pass_kernel.cuh) on the
 // CPU, one emulated thread after another, so that its indexing is checked where no GPU is.
 // The kernel's threads share nothing and never synchronise, so a sequential run is exact. Device
-// math takes the host paths of noise_contract.h, so the results equal backend "cpp" bit for bit.
+// math takes the host paths of noise_contract.h, with the Box-Muller polynomial steps fused as on
+// the device, so the results equal backend "cpp"'s vector variants bit for bit.
 //
 // Built by tests/test_cpp_backend.py with a plain C++ compiler (no CUDA, no torch headers).
 
@@ -27,6 +28,7 @@ Dim3 gridDim, blockDim, blockIdx, threadIdx;
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define FASTZO_FUSED_POLY_STEPS 1  // __fmaf_rn on the device
 
 #include "cuda_pass_kernel.cuh"
 

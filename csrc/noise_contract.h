@@ -30,7 +30,7 @@ namespace fastzo {
 namespace contract {
 
 // Bumped whenever the kernels' semantics change; the Python side refuses a stale build.
-constexpr int kAbiVersion = 6;
+constexpr int kAbiVersion = 7;
 
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
 constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
@@ -75,11 +75,17 @@ FASTZO_HD float sub_rn(float a, float b) {
 #endif
 }
 
-// Polynomial steps: a fused multiply-add on the device (one rounding, deterministic), a multiply
-// and an add on the host (an FMA there would need the FMA instruction set or a libm call).
+// Polynomial steps of the Box-Muller transform, acc * x + c: a fused multiply-add (one
+// rounding) on the device, and likewise in the CPU vector variants (cpu_simd.h), the CUDA
+// kernel's CPU emulation (FASTZO_FUSED_POLY_STEPS) and the Triton kernel, which all evaluate the
+// same expressions and so give the same z. The portable host code (the scalar CPU variant) uses a
+// multiply and an add: an FMA there would need the FMA instruction set, or a slow libm call. The
+// two differ by a few float32 ulps of z, far inside the contract's tolerance.
 FASTZO_HD float poly_step(float acc, float x, float c) {
 #if defined(__CUDA_ARCH__)
   return __fmaf_rn(acc, x, c);
+#elif defined(FASTZO_FUSED_POLY_STEPS)
+  return __builtin_fmaf(acc, x, c);
 #else
   return acc * x + c;
 #endif
@@ -186,8 +192,8 @@ FASTZO_HD float log_uniform24(uint32_t x) {
   // float(n) may round; it only picks the exponent. 0x3F3504F3 is sqrt(1/2).
   const int32_t e = static_cast<int32_t>(float_bits(static_cast<float>(n)) - 0x3F3504F3u) >> 23;
   const float inv_pow2 = bits_float(static_cast<uint32_t>(127 - e) << 23);  // 2^-e
-  // f = n 2^-e - 1 = (2k 2^-e - 1) + 2^-e: each step is exact (Sterbenz, then a representable
-  // sum), and no per-lane variable shift is needed.
+  // f = n 2^-e - 1 = (2k 2^-e - 1) + 2^-e: each step is exact (an exact product, then Sterbenz,
+  // then a representable sum), and no per-lane variable shift is needed.
   const float f = poly_step(static_cast<float>(k), 2.0f * inv_pow2, -1.0f) + inv_pow2;
   const float exponent = static_cast<float>(e - 25);
   const float f2 = f * f;
@@ -200,12 +206,13 @@ FASTZO_HD float log_uniform24(uint32_t x) {
   p = poly_step(p, f, 2.0000714765e-1f);
   p = poly_step(p, f, -2.4999993993e-1f);
   p = poly_step(p, f, 3.3333331174e-1f);
-  // The tails as polynomial steps too: fused on the device (each rounds once), and on the host
-  // the same multiplies and adds in the same order as ever.
   float y = poly_step(exponent, -2.12194440e-4f, p * f * f2);
   y = poly_step(f2, -0.5f, y);
   return poly_step(exponent, 0.693359375f, f + y);
 }
+
+// fl32(pi/2) 2^-22: the reduced angle per unit of rem below (exact).
+constexpr float kQuarterTurnStep = 1.5707963267948966f * 2.384185791015625e-07f;
 
 // sin and cos of 2*pi*u(x). The quarter-turn reduction is done on the
 // 24-bit integer, so it is exact: 2*pi*u = (q + r) * pi/2 with q integer, r in [-1/2, 1/2).
@@ -214,8 +221,9 @@ FASTZO_HD void sincos_2pi_uniform24(uint32_t x, float& sin_out, float& cos_out) 
   const int32_t k = static_cast<int32_t>(x >> 8);    // u = (k + 1/2) 2^-24, 4u = (k + 1/2) 2^-22
   const int32_t q = (k + (1 << 21)) >> 22;            // nearest quarter turn, 0..4 (never a tie)
   const int32_t rem = k - (q << 22);                  // in [-2^21, 2^21)
+  // a = (rem + 1/2) 2^-22 fl(pi/2), rounded once: (rem + 1/2) 2^-22 is exact. The device takes
+  // the same bits from one fused multiply-add: rem * (pi/2 2^-22) + pi/2 2^-23.
 #if defined(__CUDA_ARCH__)
-  // ((rem + 1/2) 2^-22) pi/2 with one rounding, as below: rem (pi/2 2^-22) + pi/2 2^-23
   const float a = __fmaf_rn(static_cast<float>(rem), 1.5707963267948966f * 2.384185791015625e-07f,
                             1.5707963267948966f * 1.1920928955078125e-07f);
 #else
@@ -230,11 +238,7 @@ FASTZO_HD void sincos_2pi_uniform24(uint32_t x, float& sin_out, float& cos_out) 
   float c = 2.443315711809948e-5f;
   c = poly_step(c, a2, -1.388731625493765e-3f);
   c = poly_step(c, a2, 4.166664568298827e-2f);
-#if defined(__CUDA_ARCH__)
-  c = __fmaf_rn(c * a2, a2, __fmaf_rn(a2, -0.5f, 1.0f));  // fused, as the Triton kernel
-#else
-  c = c * a2 * a2 - 0.5f * a2 + 1.0f;
-#endif
+  c = poly_step(c * a2, a2, poly_step(a2, -0.5f, 1.0f));
   // sin(q*pi/2 + a), cos(q*pi/2 + a): swap on odd quadrants, then fix the signs.
   const bool odd = (q & 1) != 0;
   const float sin_base = odd ? c : s;

@@ -420,7 +420,8 @@ STORAGE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 @pytest.fixture(scope="module")
 def emulated_cuda_kernel(tmp_path_factory):
     """csrc/cuda_emulation.cpp built with the host compiler: the CUDA kernel's exact code, run
-    thread by thread on the CPU (host math, so bit-identical to backend "cpp")."""
+    thread by thread on the CPU (host math with the device's fused Box-Muller polynomial steps,
+    so bit-identical to backend "cpp" in its vector variants)."""
     source = CSRC / "cuda_emulation.cpp"
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if not source.exists() or compiler is None:
@@ -454,6 +455,13 @@ def emulated_cuda_kernel(tmp_path_factory):
     return launch
 
 
+def skip_gaussian_on_the_scalar_variant(distribution):
+    """The scalar CPU variant computes the Box-Muller polynomials without FMA, so its Gaussian z
+    differ from the device's (and the emulation's) by a few ulps (docs/native.md)."""
+    if distribution == "gaussian" and _C().cpu_kernel_isa() == "scalar":
+        pytest.skip("Gaussian z of the scalar CPU variant are not the device's bits")
+
+
 def _awkward_views(gen, dtype):
     """Tensors of one call: misaligned views, sizes below one vector, offsets of every residue."""
     base = random_weights(40000, dtype, gen)
@@ -469,6 +477,7 @@ def _awkward_views(gen, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["perturb", "update", "stochastic", "fused"])
 def test_emulated_cuda_kernel_equals_cpp(emulated_cuda_kernel, kind, dtype, distribution, gen):
+    skip_gaussian_on_the_scalar_variant(distribution)
     views, keys, offsets = _awkward_views(gen, dtype)
     mixed = [v.clone() for v in views]
     mixed[2] = mixed[2].float() if dtype != torch.float32 else mixed[2].half()  # a second dtype
@@ -499,6 +508,7 @@ def test_emulated_cuda_kernel_equals_cpp(emulated_cuda_kernel, kind, dtype, dist
 @pytest.mark.parametrize("blocks,threads", [(1, 1), (2, 3), (7, 64)])
 def test_emulated_cuda_kernel_does_not_depend_on_the_grid(emulated_cuda_kernel, blocks, threads,
                                                           gen):
+    skip_gaussian_on_the_scalar_variant("gaussian")
     views, keys, offsets = _awkward_views(gen, torch.bfloat16)
     expected = [v.clone() for v in views]
     fastzo.perturb_(expected, 99, EPS, keys=keys, offsets=offsets, backend="cpp")

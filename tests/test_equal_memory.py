@@ -117,3 +117,15 @@ def test_report_times_to_reach_the_small_models_best(tmp_path, capsys):
     assert bench.time_to_reach(curve, 0.78, axis=2) == 30.0
     assert bench.time_to_reach(curve, 0.90) is None
     assert not math.isnan(bench.time_to_reach(curve, 0.70))
+
+
+def test_memory_probe_covers_every_variant_once():
+    bench = load_benchmark()
+    variants = bench.memory_variants(smoke=False)
+    keys = [(c.model, c.method, c.dtype, c.distribution) for c in variants]
+    assert len(keys) == len(set(keys)) == 6
+    assert {(c.model, c.method) for c in variants} == {(m, k) for m in bench.MODELS for k in ("bp", "mezo")}
+    assert all(c.lr == bench.LR_GRIDS[(c.model, c.method)][0] and c.phase == "main" for c in variants)
+    # A fixed mmap threshold is one of the settings, glibc's default the other.
+    assert any("MALLOC_MMAP_THRESHOLD_" in env for env in bench.ALLOCATORS.values())
+    assert {} in bench.ALLOCATORS.values()

@@ -419,7 +419,8 @@ def test_exact_mode_is_per_dtype_and_can_be_turned_off():
 @pytest.fixture(scope="module")
 def emulated_exact_kernel(tmp_path_factory):
     """csrc/cuda_emulation.cpp built with the host compiler: the CUDA kernel's exact-mode code,
-    run thread by thread on the CPU (host math, so bit-identical to backend "cpp")."""
+    run thread by thread on the CPU (host math with the device's fused Box-Muller polynomial
+    steps, so bit-identical to backend "cpp" in its vector variants)."""
     import ctypes
     import os
     import shutil
@@ -460,6 +461,10 @@ def emulated_exact_kernel(tmp_path_factory):
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("kind", ["perturb", "update", "stochastic", "fused"])
 def test_emulated_cuda_exact_kernel_equals_cpp(emulated_exact_kernel, kind, distribution, gen):
+    from fastzo.backends import cpp_backend
+
+    if distribution == "gaussian" and cpp_backend.load_extension().cpu_kernel_isa() == "scalar":
+        pytest.skip("Gaussian z of the scalar CPU variant are not the device's bits")
     base_bf, q_bf = weights(20000, torch.bfloat16, gen)
     base_h, q_h = weights(9000, torch.float16, gen)
     views = [base_bf[0:1], base_bf[1:4], base_bf[5:9000], base_h[3:8000], base_bf[9001:20000]]

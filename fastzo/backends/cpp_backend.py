@@ -12,7 +12,7 @@ import torch
 NAME = "cpp"
 
 # Must match contract::kAbiVersion in csrc/noise_contract.h: a stale build is refused.
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 _extension = None
 _load_error: BaseException | None = None
