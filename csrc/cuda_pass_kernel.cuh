@@ -239,8 +239,8 @@ __device__ __forceinline__ float noise_value(uint32_t z) {
 }
 
 template <int kVector>
-__device__ __forceinline__ void vector_rounding(uint32_t (&r)[kVector], uint64_t vector, uint32_t key,
-                                                uint32_t seed_lo, uint32_t seed_hi) {
+__device__ __forceinline__ void vector_rounding(uint32_t (&r)[kVector], uint64_t vector,
+                                                uint32_t key, uint32_t seed_lo, uint32_t seed_hi) {
   static_assert(kVector <= kRoundingPerCall, "one rounding call per vector");
   constexpr uint64_t kPerCall = kRoundingPerCall / kVector;  // vectors per Philox call
   const uint64_t group = vector / kPerCall;
@@ -360,8 +360,9 @@ __global__ void __launch_bounds__(kThreads, kExact ? 2 : kNext ? 3 : 4)
           const int64_t i = local + j;
           if (i < 0 || i >= numel) continue;
           if constexpr (kExact) {
-            data[i] = static_cast<Element>(exact_element_result<Storage, kGaussian, kUpdate, kStochastic, kNext>(
-                data[i], z[j], r[j], z_next[j], c, grid, a_q, a_next_q));
+            data[i] = static_cast<Element>(
+                exact_element_result<Storage, kGaussian, kUpdate, kStochastic, kNext>(
+                    data[i], z[j], r[j], z_next[j], c, grid, a_q, a_next_q));
           } else {
             const float y = element_value<Storage, kGaussian, kUpdate, kNext>(data[i], z[j],
                                                                               z_next[j], c);
