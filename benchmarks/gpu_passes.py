@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import importlib
 import os
 import statistics
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastzo  # noqa: E402
-from fastzo.benchmark import cpu_name  # noqa: E402
+from fastzo.benchmark import cpu_name, write_stamped_csv  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GPU_COLUMNS = (("H200", "H200"), ("H100", "H100-SXM"), ("Orin", "Orin-AGX"))
@@ -161,15 +160,7 @@ def main():
             del w
         if default_fast_math is not None:
             module.FAST_MATH = default_fast_math
-    stamp = dict(torch=torch.__version__,
-                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    fields = list(dict.fromkeys(f for r in rows for f in r)) + list(stamp)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, **stamp})
+    write_stamped_csv(args.out, rows, torch=torch.__version__)
     print(f"wrote {args.out}", file=sys.stderr)
     return 1 if any("error" in r for r in rows) else 0
 

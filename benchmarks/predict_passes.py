@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
-import os
 import pathlib
 import re
 import shutil
@@ -35,6 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 import sass_model  # noqa: E402
 
 from fastzo.backends import triton_backend as tb  # noqa: E402
+from fastzo.benchmark import write_stamped_csv  # noqa: E402
 
 GPUS = {"H100-SXM": 90, "H200": 90, "Orin-AGX": 87}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -234,16 +233,8 @@ def main():
     rows = list(merged.values())
     import triton
 
-    stamp = dict(kind="predicted (static SASS model, sm_90 for H100/H200, sm_87 for Orin)",
-                 triton=triton.__version__, torch=torch.__version__,
-                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    fields = list(dict.fromkeys(f for r in rows for f in r)) + list(stamp)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, **stamp})
+    write_stamped_csv(args.out, rows, kind="predicted (static SASS model, sm_90 for H100/H200, sm_87 for Orin)",
+                      triton=triton.__version__, torch=torch.__version__)
     table = markdown(rows)
     print(table)
     if args.markdown:

@@ -60,6 +60,19 @@ def versions() -> str:
     return "; ".join(parts)
 
 
+def write_stamped_csv(path, rows: list[dict], **stamp) -> None:
+    """Rows whose keys may differ (the union, in first-seen order), each with the same stamp
+    columns (versions, time) appended; the folder is created."""
+    stamp.setdefault("timestamp", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    fields = list(dict.fromkeys(f for r in rows for f in r)) + list(stamp)
+    os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, **stamp})
+
+
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
