@@ -314,13 +314,14 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt = work_dir / (cell.name.replace("/", "__") + ".pt")
     rows = [r for r in read_rows(csv_path) if r["cell"] == cell.name]
+    ema = None  # of the training loss, carried over a resume by the checkpoint
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         if state["rows"][0]["lr"] != cell.lr:
             raise SystemExit(f"[{cell.name}] the checkpoint {ckpt} was trained with lr {state['rows'][0]['lr']}, "
                              f"this cell has lr {cell.lr}: delete it to start the cell over")
         trainer.load_state_dict(state["trainer"])
-        pending = state["rows"]
+        pending, ema = state["rows"], state.get("train_loss_ema")
         del state
         for row in pending:  # the checkpoint was saved, its rows perhaps not yet written
             if not any(int(r["step"]) == trainer.step and r["split"] == row["split"] for r in rows):
@@ -340,7 +341,6 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
                 params=sum(p.numel() for p in model.parameters()),
                 backend=backend, threads=torch.get_num_threads(),
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""), cpu_model=cpu_name())
-    ema = None
 
     def on_step(tr, loss):
         nonlocal ema
@@ -372,10 +372,12 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
                   f"peak {new_rows[-1]['peak_rss_mib']} MiB, cpu {new_rows[-1]['train_cpu_s']} s", flush=True)
         if at != cell.steps:
             tmp = ckpt.with_suffix(".tmp")
-            torch.save({"trainer": trainer.state_dict(), "rows": new_rows}, tmp)
+            torch.save({"trainer": trainer.state_dict(), "rows": new_rows, "train_loss_ema": ema}, tmp)
             tmp.replace(ckpt)
+        written = {(int(r["step"]), r["split"]) for r in read_rows(csv_path) if r["cell"] == cell.name}
         for row in new_rows:  # the split that marks the cell done comes last
-            append_row(csv_path, row)
+            if (row["step"], row["split"]) not in written:  # (written before an interruption)
+                append_row(csv_path, row)
     if ckpt.exists():
         ckpt.unlink()  # done: the CSV holds the result
 

@@ -179,3 +179,43 @@ def test_memory_probe_covers_every_variant_once():
     # A fixed mmap threshold is one of the settings, glibc's default the other.
     assert any("MALLOC_MMAP_THRESHOLD_" in env for env in bench.ALLOCATORS.values())
     assert {} in bench.ALLOCATORS.values()
+
+
+def test_an_interrupted_cell_resumes_from_its_checkpoint_with_the_same_rows(tmp_path, monkeypatch):
+    bench = load_benchmark()
+    texts = [f"the film was {w}" for w in ("great", "awful", "superb", "dull", "lovely", "boring")] * 4
+    labels = [1, 0] * 12
+    data = finetune.Dataset("toy", texts, labels, ["negative", "positive"], ["bad film", "good film"])
+    monkeypatch.setattr(bench, "MODELS", {"minilm": "tiny-bert", "mpnet": "tiny-bert"})
+    monkeypatch.setattr(bench, "load_task", lambda task, smoke: (data, (texts[:16], labels[:16]),
+                                                                 (texts[16:20], labels[16:20]),
+                                                                 (texts[20:], labels[20:])))
+    monkeypatch.setattr(bench, "BATCH", 4)
+    cell = bench.Cell("main", "movie", "mpnet", "mezo", 0, 1e-2, (0, 2, 4))
+    keys = ("step", "split", "accuracy", "eval_loss", "train_loss_ema")
+
+    def run(csv_path, work_dir):
+        bench.run_cell(cell, csv_path, work_dir, smoke=True, threads=1)
+        return [tuple(r[k] for k in keys) for r in bench.read_rows(csv_path)]
+
+    whole = run(tmp_path / "whole.csv", tmp_path / "whole")
+    assert [(r[0], r[1]) for r in whole] == [(str(s), sp) for s in (0, 2, 4) for sp in ("validation", "test")]
+    assert not list((tmp_path / "whole").iterdir())  # a finished cell leaves no checkpoint
+
+    # Crash while writing step 4's rows: the checkpoint of step 2 stays, step 4 has no test row.
+    append = bench.append_row
+    def crash_at_last_test_row(path, row):
+        if row["step"] == 4 and row["split"] == "test":
+            raise KeyboardInterrupt
+        append(path, row)
+    monkeypatch.setattr(bench, "append_row", crash_at_last_test_row)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut.csv", tmp_path / "cut")
+    assert (tmp_path / "cut" / (cell.name.replace("/", "__") + ".pt")).exists()
+    assert not bench.cell_done(bench.read_rows(tmp_path / "cut.csv"), cell)
+    monkeypatch.setattr(bench, "append_row", append)
+    resumed = run(tmp_path / "cut.csv", tmp_path / "cut")
+    assert bench.cell_done(bench.read_rows(tmp_path / "cut.csv"), cell)
+    # Every row once (step 4's validation row was written before the crash), with the values of
+    # the uninterrupted run.
+    assert sorted(resumed) == sorted(whole)
