@@ -569,12 +569,16 @@ def summarize(rows: list[dict]) -> dict:
     peaks and baselines per seed, steps planned, and whether the lr is the chosen one (True),
     lost the selection (False) or awaits it (None)."""
     out: dict = {}
+    choices: dict = {}  # (task, model, method) -> chosen lr, looked up once
     for r in rows:
         if r["phase"] != "main":
             continue
         lr = float(r["lr"])
         key = (r["task"], _variant(r), lr)
-        chosen = chosen_lr(rows, r["task"], r["model"], r["method"])
+        which = (r["task"], r["model"], r["method"])
+        if which not in choices:
+            choices[which] = chosen_lr(rows, *which)
+        chosen = choices[which]
         entry = out.setdefault(key, {"curves": {}, "val": {}, "peaks": {}, "baselines": {}, "lr": lr,
                                      "steps_total": int(r["steps_total"]),
                                      "chosen": None if chosen is None else math.isclose(chosen, lr)})
