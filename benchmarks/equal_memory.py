@@ -210,6 +210,26 @@ def append_row(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def interrupted_path(csv_path: Path) -> Path:
+    return csv_path.with_name(csv_path.stem + "_interrupted.csv")
+
+
+def set_aside(csv_path: Path, cell_name: str) -> None:
+    """Move the rows of a cell that starts over from the CSV to its ``_interrupted`` side file."""
+    rows = read_rows(csv_path)
+    for r in rows:
+        if r["cell"] == cell_name:
+            append_row(interrupted_path(csv_path), r)
+    tmp = csv_path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows if r["cell"] != cell_name)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(csv_path)
+
+
 def cell_done(rows: list[dict], cell: Cell) -> bool:
     return any(r["cell"] == cell.name and int(r["step"]) == cell.steps and r.get("split", cell.split) == cell.split
                for r in rows)
@@ -317,6 +337,13 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
     ema = None  # of the training loss, carried over a resume by the checkpoint
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
+        if state["rows"][0]["cpu_model"] != cpu_name():  # a cell's clocks all come from one CPU model
+            print(f"[{cell.name}] the checkpoint ran on {state['rows'][0]['cpu_model']}, this is {cpu_name()}: "
+                  "starting over", flush=True)
+            del state
+            ckpt.unlink()
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
         if state["rows"][0]["lr"] != cell.lr:
             raise SystemExit(f"[{cell.name}] the checkpoint {ckpt} was trained with lr {state['rows'][0]['lr']}, "
                              f"this cell has lr {cell.lr}: delete it to start the cell over")
@@ -328,8 +355,11 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
                 append_row(csv_path, row)
         print(f"[{cell.name}] continuing from step {trainer.step}", flush=True)
     elif rows:
-        print(f"[{cell.name}] rows without a checkpoint: starting over (earlier rows stay in the CSV)",
-              flush=True)
+        # Its clocks cannot continue (perhaps not even on the same CPU): the cell starts over and
+        # its earlier rows move to a side file, so that every row of a cell comes from one run.
+        set_aside(csv_path, cell.name)
+        print(f"[{cell.name}] rows without a checkpoint: starting over (earlier rows moved to "
+              f"{interrupted_path(csv_path).name})", flush=True)
     batches = train_batches(train_ids, train[1], BATCH, cell.seed, pad, device)
     for _ in range(trainer.step):  # the same batch sequence as an uninterrupted run
         next(batches)

@@ -219,3 +219,65 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint_with_the_same_rows(tmp_
     # Every row once (step 4's validation row was written before the crash), with the values of
     # the uninterrupted run.
     assert sorted(resumed) == sorted(whole)
+
+
+def _toy_benchmark(monkeypatch):
+    bench = load_benchmark()
+    texts = [f"the film was {w}" for w in ("great", "awful", "superb", "dull", "lovely", "boring")] * 4
+    labels = [1, 0] * 12
+    data = finetune.Dataset("toy", texts, labels, ["negative", "positive"], ["bad film", "good film"])
+    monkeypatch.setattr(bench, "MODELS", {"minilm": "tiny-bert", "mpnet": "tiny-bert"})
+    monkeypatch.setattr(bench, "load_task", lambda task, smoke: (data, (texts[:16], labels[:16]),
+                                                                 (texts[16:20], labels[16:20]),
+                                                                 (texts[20:], labels[20:])))
+    monkeypatch.setattr(bench, "BATCH", 4)
+    return bench
+
+
+def test_a_cell_without_its_checkpoint_starts_over_and_sets_its_old_rows_aside(tmp_path, monkeypatch):
+    bench = _toy_benchmark(monkeypatch)
+    cell = bench.Cell("main", "movie", "mpnet", "mezo", 0, 1e-2, (0, 2, 4))
+    other = dict.fromkeys(bench.FIELDS, "")
+    other.update(cell="main/movie/minilm/bp/lr0.0001/seed0", step="0", split="test", cpu_model="another CPU")
+    csv_path = tmp_path / "em.csv"
+    bench.append_row(csv_path, other)
+    # Rows of an earlier, unfinished run of the cell whose checkpoint is gone (another machine).
+    for step in (0, 2):
+        bench.append_row(csv_path, dict(other, cell=cell.name, step=str(step), accuracy="0.123"))
+    bench.run_cell(cell, csv_path, tmp_path / "work", smoke=True, threads=1)
+    rows = bench.read_rows(csv_path)
+    mine = [r for r in rows if r["cell"] == cell.name]
+    # Every row of the cell now comes from the new run, once, on this CPU; other cells are kept.
+    assert [(r["step"], r["split"]) for r in mine] == [(str(s), sp) for s in (0, 2, 4) for sp in ("validation", "test")]
+    assert {r["cpu_model"] for r in mine} == {bench.cpu_name()}
+    assert "0.123" not in {r["accuracy"] for r in mine}
+    assert [r["cell"] for r in rows if r["cell"] != cell.name] == [other["cell"]]
+    aside = bench.read_rows(bench.interrupted_path(csv_path))
+    assert [(r["step"], r["accuracy"]) for r in aside] == [("0", "0.123"), ("2", "0.123")]
+
+
+def test_a_checkpoint_from_another_cpu_model_is_not_continued(tmp_path, monkeypatch):
+    import torch
+
+    bench = _toy_benchmark(monkeypatch)
+    cell = bench.Cell("main", "movie", "mpnet", "mezo", 0, 1e-2, (0, 2, 4))
+    csv_path, work = tmp_path / "em.csv", tmp_path / "work"
+    append = bench.append_row
+    def crash_at_step_4(path, row):
+        if row["step"] == 4:
+            raise KeyboardInterrupt
+        append(path, row)
+    monkeypatch.setattr(bench, "append_row", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_cell(cell, csv_path, work, smoke=True, threads=1)
+    monkeypatch.setattr(bench, "append_row", append)
+    ckpt = work / (cell.name.replace("/", "__") + ".pt")
+    state = torch.load(ckpt, weights_only=False)
+    for row in state["rows"]:
+        row["cpu_model"] = "another CPU"
+    torch.save(state, ckpt)
+    bench.run_cell(cell, csv_path, work, smoke=True, threads=1)
+    mine = [r for r in bench.read_rows(csv_path) if r["cell"] == cell.name]
+    assert [(r["step"], r["split"]) for r in mine] == [(str(s), sp) for s in (0, 2, 4) for sp in ("validation", "test")]
+    assert [r["step"] for r in bench.read_rows(bench.interrupted_path(csv_path))] == ["0", "0", "2", "2"]
+    assert not ckpt.exists()
