@@ -4,7 +4,7 @@
     python benchmarks/equal_memory.py --status      # what is done, what is running, what is left
     python benchmarks/equal_memory.py --report      # figure + summary from the CSV as it stands
     python benchmarks/equal_memory.py --smoke       # the whole pipeline on tiny sizes (runs/, not results/)
-    python benchmarks/equal_memory.py --memory      # each variant's peak in fresh processes vs fastzo.memory
+    python benchmarks/equal_memory.py --memory      # each variant's peak and step cost in fresh processes
 
 The claim of the on-device ZO paper (Katti, Park, Rajendran and Simeone 2025, Fig. 4): under a
 fixed memory budget MeZO can fine-tune a much larger model than backprop can, and given enough
@@ -48,7 +48,15 @@ the pause; CPU time does not.
 The peak of a training cell also holds what its evaluations (batch 32) left in the heap. ``--memory``
 measures each variant apart: a fresh process, 20 training steps, no evaluation, under glibc's
 default allocator settings and under a fixed mmap threshold (``ALLOCATORS``), against
-``fastzo.memory.encoder_estimate`` (``equal_memory_peaks.csv``; a few minutes per variant).
+``fastzo.memory.encoder_estimate`` (``equal_memory_peaks.csv``; a few minutes per variant). It also
+times those steps: every variant's CPU seconds per step side by side on one machine.
+
+Machines: the cells of this grid take more hours than one machine may stay the same, and CPU
+seconds per step depend on the CPU (bf16 matrix units, vector width). Accuracy per step does not.
+So every row records its CPU model, a cell never continues on another CPU model (it starts over
+and its earlier rows move to ``equal_memory_interrupted.csv``), and the report gives the time to
+reach the target both on each cell's own clock and as steps x each variant's per-step cost
+measured side by side by ``--memory`` on one machine.
 
 Writes ``benchmarks/results/equal_memory.csv`` and ``.png`` (``--report`` redraws the figure and
 prints the summary: peak memory, accuracy, time to reach MiniLM backprop's best accuracy).
@@ -449,18 +457,28 @@ def probe_runtime(threads: int | None = None) -> dict:
 ALLOCATORS = {"glibc default": {}, "fixed mmap threshold 128 KiB": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 MEMORY_STEPS = 20
 PEAK_FIELDS = ["time_utc", "git_commit", "allocator", "model", "method", "dtype", "distribution", "steps",
-               "baseline_rss_mib", "runtime_mib", "peak_rss_mib", "predicted_mib", "error_pct", "threads",
-               "cpu_model", "load1"]
+               "baseline_rss_mib", "runtime_mib", "peak_rss_mib", "predicted_mib", "error_pct",
+               "cpu_s_per_step", "wall_s_per_step", "threads", "cpu_model", "load1"]
+WARMUP_STEPS = 2  # steps before the per-step cost is timed (first-call allocations, thread pools)
 
 
 def probe_memory(cell: Cell, smoke: bool, threads: int | None, steps: int) -> dict:
     """In this (fresh) process: the peak RSS of ``steps`` training steps of a cell, with no
-    evaluation before or between them (an evaluation's batches would leave the heap larger)."""
+    evaluation before or between them (an evaluation's batches would leave the heap larger), and
+    the CPU and wall seconds per step after ``WARMUP_STEPS``: every variant's step cost on one
+    machine, which the cells' own clocks cannot give when they ran on different machines."""
     from fastzo.finetune import train_batches
 
     c = prepare_cell(cell, smoke, threads)
-    c.trainer.train(train_batches(c.train_ids, c.train[1], BATCH, cell.seed, c.pad, c.device), steps)
-    return {"baseline_mib": round(c.baseline, 1), "peak_mib": round(c.trainer.peak_mb, 1)}
+    batches = train_batches(c.train_ids, c.train[1], BATCH, cell.seed, c.pad, c.device)
+    warmup = min(WARMUP_STEPS, steps - 1)
+    c.trainer.train(batches, warmup)
+    cpu0, wall0 = c.trainer.cpu_seconds, c.trainer.train_seconds
+    c.trainer.train(batches, steps - warmup)
+    timed = steps - warmup
+    return {"baseline_mib": round(c.baseline, 1), "peak_mib": round(c.trainer.peak_mb, 1),
+            "cpu_s_per_step": round((c.trainer.cpu_seconds - cpu0) / timed, 4),
+            "wall_s_per_step": round((c.trainer.train_seconds - wall0) / timed, 4)}
 
 
 def memory_variants(smoke: bool) -> list[Cell]:
@@ -475,10 +493,11 @@ def memory_variants(smoke: bool) -> list[Cell]:
 
 
 def measure_memory(args) -> int:
-    """Every variant's peak RSS in fresh processes, under each allocator setting, against
-    ``fastzo.memory``'s prediction with the runtime share measured under the same setting."""
+    """Every variant's peak RSS and step cost in fresh processes, under each allocator setting,
+    against ``fastzo.memory``'s prediction with the runtime share measured under the same setting.
+    Replaces the rows of this CPU model and keeps those of others."""
     out = Path(args.csv).with_name(Path(args.csv).stem + "_peaks.csv")
-    steps = 2 if args.smoke else MEMORY_STEPS
+    steps = 3 if args.smoke else MEMORY_STEPS
     rows = []
     for allocator, extra_env in ALLOCATORS.items():
         env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **extra_env)
@@ -503,14 +522,17 @@ def measure_memory(args) -> int:
                        baseline_rss_mib=got["baseline_mib"], runtime_mib=runtime, peak_rss_mib=got["peak_mib"],
                        predicted_mib=round(predicted, 1) if predicted else "",
                        error_pct=round(error, 1) if error is not None else "",
+                       cpu_s_per_step=got["cpu_s_per_step"], wall_s_per_step=got["wall_s_per_step"],
                        threads=args.threads or "", cpu_model=cpu_name(), load1=round(os.getloadavg()[0], 2))
             rows.append(row)
             print(f"[{allocator}] {_label(_variant(row))}: peak {got['peak_mib']:,.0f} MiB, predicted "
-                  f"{row['predicted_mib']} MiB ({row['error_pct']} %)", flush=True)
+                  f"{row['predicted_mib']} MiB ({row['error_pct']} %), {got['cpu_s_per_step']:.3f} CPU s/step",
+                  flush=True)
+    others = [r for r in read_rows(out) if r.get("cpu_model") != cpu_name()]
     with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=PEAK_FIELDS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: r.get(k, "") for k in PEAK_FIELDS} for r in others + rows)
     print(f"wrote {out}")
     return 0 if rows else 1
 
@@ -609,10 +631,11 @@ def summarize(rows: list[dict]) -> dict:
         if which not in choices:
             choices[which] = chosen_lr(rows, *which)
         chosen = choices[which]
-        entry = out.setdefault(key, {"curves": {}, "val": {}, "peaks": {}, "baselines": {}, "lr": lr,
+        entry = out.setdefault(key, {"curves": {}, "val": {}, "peaks": {}, "baselines": {}, "cpus": {}, "lr": lr,
                                      "steps_total": int(r["steps_total"]),
                                      "chosen": None if chosen is None else math.isclose(chosen, lr)})
         seed = int(r["seed"])
+        entry["cpus"][seed] = r.get("cpu_model", "")
         point = (int(r["step"]), float(r["train_cpu_s"]), float(r["train_wall_s"]), float(r["accuracy"]),
                  float(r["accuracy_se"]), float(r["eval_loss"]))
         entry["val" if r.get("split") == "validation" else "curves"].setdefault(seed, []).append(point)
@@ -636,6 +659,23 @@ def at_best_validation(test_curve, val_curve):
         return None
     best = min(points, key=lambda p: (p[5] if math.isfinite(p[5]) else math.inf, p[0]))
     return best[0], test_at[best[0]]
+
+
+def short_cpu(name: str) -> str:
+    """'Intel(R) Xeon(R) Processor' -> 'Intel Xeon'."""
+    for noise in ("(R)", "(TM)", " Processor", " CPU"):
+        name = name.replace(noise, "")
+    return " ".join(name.split()) or "?"
+
+
+def step_costs(probes: list[dict]) -> dict:
+    """{cpu_model: {variant: CPU s per step}} from the probe rows under glibc's default allocator
+    (the cells' own setting)."""
+    out: dict = {}
+    for r in probes:
+        if r.get("cpu_s_per_step") and r["allocator"] == next(iter(ALLOCATORS)):
+            out.setdefault(r["cpu_model"], {})[_variant(r)] = float(r["cpu_s_per_step"])
+    return out
 
 
 def time_to_reach(curve, target: float, axis: int = 1):
@@ -689,6 +729,35 @@ def _runtime_mib(threads: int | None = None, env: dict | None = None) -> float:
     return sorted(values)[len(values) // 2] if values else 0.0
 
 
+def _machines(rows) -> str:
+    """The CPU models the cells ran on, with how many cells each ran."""
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault(short_cpu(r["cpu_model"]), set()).add(r["cell"])
+    return ", ".join(f"{cpu} ({len(names)} cells)" for cpu, names in sorted(cells.items()))
+
+
+def _reach_at_one_cost(table, entries, target, costs) -> list[str]:
+    """Steps to reach the target times each variant's per-step CPU cost measured side by side on
+    one machine (``--memory``): a comparison of time that does not depend on which machine ran
+    which cell (accuracy per step does not depend on the machine; CPU s per step does)."""
+    lines = []
+    for cpu, per_step in costs.items():
+        parts = []
+        for key in entries:
+            e = table[key]
+            if e["chosen"] is False or key[1] not in per_step:
+                continue
+            reach = [time_to_reach(c, target, axis=0) for _, c in sorted(e["curves"].items())]
+            text = ", ".join("not reached" if st is None else f"{st * per_step[key[1]]:,.0f}" for st in reach)
+            parts.append(f"{_label(key[1])} ({per_step[key[1]]:.2f} CPU s/step): {text}")
+        if parts:
+            lines += [f"CPU s to reach the target at {short_cpu(cpu)}'s per-step cost (steps to reach x CPU s per "
+                      "step of each variant, measured side by side by `--memory`, evaluations excluded): "
+                      + "; ".join(parts) + ".", ""]
+    return lines
+
+
 def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | None = None,
            threads: int | None = None) -> str:
     rows = read_rows(csv_path)
@@ -697,6 +766,9 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
         return ""
     table = summarize(rows)
     tasks = [t for t in TASKS if any(k[0] == t for k in table)]
+    peaks_csv = csv_path.with_name(csv_path.stem + "_peaks.csv")
+    probes = read_rows(peaks_csv)
+    costs = step_costs(probes)
     lines = []
     for task in tasks:
         entries = sorted((k for k in table if k[0] == task), key=_entry_order)
@@ -708,9 +780,10 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
         if target is not None:
             head += f": MiniLM backprop's best held-out accuracy {100 * target:.2f} % (the target below)"
         lines += [head, "",
-                  "| cell | lr | seeds | steps done / planned | CPU s (train) | peak RSS MiB | accuracy at step 0 "
-                  "| last accuracy | best accuracy | at the best validation loss (step) | CPU s to reach the target |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| cell | lr | seeds | ran on | steps done / planned | CPU s (train) | peak RSS MiB "
+                  "| accuracy at step 0 | last accuracy | best accuracy | at the best validation loss (step) "
+                  "| steps (CPU s) to reach the target |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for key in entries:
             e = table[key]
             curves = e["curves"]
@@ -720,12 +793,14 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
             best = _mean_se(max(p[3] for p in curves[sd]) for sd in seeds)
             stopped = [at_best_validation(curves[sd], e["val"].get(sd, [])) for sd in seeds]
             stopped_text = ", ".join(f"{100 * a:.2f} ({st})" for st, a in filter(None, stopped)) or "–"
-            reach = [time_to_reach(curves[sd], target) for sd in seeds] if target is not None else []
-            reach_text = ", ".join("not reached" if t is None else f"{t:,.0f}" for t in reach) or "–"
+            reach = [(time_to_reach(curves[sd], target, axis=0), time_to_reach(curves[sd], target))
+                     for sd in seeds] if target is not None else []
+            reach_text = ", ".join("not reached" if st is None else f"{st:,} ({t:,.0f})" for st, t in reach) or "–"
+            ran_on = ", ".join(sorted({short_cpu(c) for c in e["cpus"].values()}))
             done = " / ".join(f"{curves[sd][-1][0]}" for sd in seeds) + f" / {e['steps_total']}"
             cpu = " / ".join(f"{curves[sd][-1][1]:,.0f}" for sd in seeds)
             peak = " / ".join(f"{e['peaks'][sd]:,.0f}" for sd in seeds if sd in e["peaks"]) or "–"
-            lines.append(f"| {_label(key[1])} | {_lr_text(e)} | {', '.join(map(str, seeds))} | {done} | {cpu} "
+            lines.append(f"| {_label(key[1])} | {_lr_text(e)} | {', '.join(map(str, seeds))} | {ran_on} | {done} | {cpu} "
                          f"| {peak} | {_pct(*first)} | {_pct(*last)} | {_pct(*best)} | {stopped_text} "
                          f"| {reach_text} |")
         lines.append("")
@@ -739,6 +814,7 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
                            f"({100 * (best - target):+.2f} points)")
             if gap:
                 lines += ["Against the target: " + "; ".join(gap) + ".", ""]
+            lines += _reach_at_one_cost(table, entries, target, costs)
 
     # Memory: measured peak against fastzo.memory's prediction. The process baseline is measured:
     # per cell before its model (imports, tokenizer, data), plus the compute libraries' share
@@ -746,8 +822,8 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
     runtime = _runtime_mib(threads)
     lines += ["### Peak memory: measured against predicted (`fastzo.memory.encoder_estimate`)", "",
               f"Predicted = the cell's measured RSS before its model (imports, tokenizer, data) + {runtime:.0f} MiB "
-              "that the compute libraries add once a model has run (measured with a 2-layer toy encoder in fresh "
-              "processes, median of three) + the model's terms at batch 16 and length 64 (the longest a batch "
+              f"that the compute libraries add once a model has run (measured on {short_cpu(cpu_name())} with a "
+              "2-layer toy encoder in fresh processes, median of three) + the model's terms at batch 16 and length 64 (the longest a batch "
               "can be). Measured = the peak RSS (VmHWM) over a cell's training steps, averaged over its cells "
               "(learning-rate selection runs included; n = cells).", "",
               "| cell | measured peak RSS MiB | baseline + libraries MiB | predicted MiB | error |",
@@ -774,19 +850,19 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
                      f"| {err} |")
     lines.append("")
 
-    peaks_csv = csv_path.with_name(csv_path.stem + "_peaks.csv")
-    probes = read_rows(peaks_csv)
     if probes:
         lines += [f"Peak RSS in fresh processes, {probes[0]['steps']} training steps and no evaluation "
                   f"(`--memory`, {peaks_csv.name}; the runtime share re-measured under each allocator setting):", "",
-                  "| cell | allocator | baseline + libraries MiB | measured peak MiB | predicted MiB | error |",
-                  "|---|---|---|---|---|---|"]
+                  "| cell | CPU | allocator | baseline + libraries MiB | measured peak MiB | predicted MiB | error "
+                  "| CPU s / step |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in probes:
-            lines.append(f"| {_label(_variant(r))} | {r['allocator']} | {float(r['baseline_rss_mib']):,.0f} + "
-                         f"{float(r['runtime_mib']):,.0f} | {float(r['peak_rss_mib']):,.0f} | "
-                         f"{float(r['predicted_mib']):,.0f} | {float(r['error_pct']):+.1f} % |"
-                         if r["predicted_mib"] else f"| {_label(_variant(r))} | {r['allocator']} | – | "
-                         f"{float(r['peak_rss_mib']):,.0f} | – | – |")
+            per_step = f"{float(r['cpu_s_per_step']):.3f}" if r.get("cpu_s_per_step") else "–"
+            head = f"| {_label(_variant(r))} | {short_cpu(r.get('cpu_model', ''))} | {r['allocator']} "
+            lines.append(head + (f"| {float(r['baseline_rss_mib']):,.0f} + {float(r['runtime_mib']):,.0f} | "
+                                 f"{float(r['peak_rss_mib']):,.0f} | {float(r['predicted_mib']):,.0f} | "
+                                 f"{float(r['error_pct']):+.1f} % | {per_step} |" if r["predicted_mib"] else
+                                 f"| – | {float(r['peak_rss_mib']):,.0f} | – | – | {per_step} |"))
         lines.append("")
 
     # Gaussian against Rademacher on MPNet: accuracy gained per CPU-second and CPU-seconds per step.
@@ -823,7 +899,7 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
                         f"{lr:g}: {loss:.4f} ({100 * acc:.1f} %, step {step})" for lr, loss, acc, step in finals)
                         + (f" -> {chosen:g}" if chosen is not None else " -> pending (grid not finished)"))
     loads = [float(r["load1"]) for r in rows if r["load1"]]
-    lines += ["", f"Machine: {rows[0]['cpu_model']}, {rows[0]['threads']} threads, OMP_WAIT_POLICY "
+    lines += ["", f"Machines: {_machines(rows)}; {rows[0]['threads']} threads, OMP_WAIT_POLICY "
               f"{rows[0].get('omp_wait_policy') or 'unset'}; 1-minute load average at the evaluations "
               f"{min(loads):.1f}–{max(loads):.1f} (median {sorted(loads)[len(loads) // 2]:.1f}); "
               f"commits {', '.join(sorted({r['git_commit'] for r in rows}))}; {len(rows)} rows, "
@@ -888,7 +964,7 @@ def _plot(table, tasks, figure: Path, rows, first_protocol=()) -> None:
                 ax.legend(fontsize=7.5, loc="lower right", title="measured peak RSS (VmHWM)", title_fontsize=7.5)
     commits = sorted({r["git_commit"] for r in rows})
     loads = [float(r["load1"]) for r in rows if r["load1"]]
-    fig.suptitle(f"Accuracy against training time at equal memory; {rows[0]['cpu_model']}, "
+    fig.suptitle(f"Accuracy against training time at equal memory; {_machines(rows)}, "
                  f"{rows[0]['threads']} threads, load average 1-min {min(loads):.1f}-{max(loads):.1f}\n"
                  f"commits {', '.join(commits)}; seeds as lines (seed 0 opaque), shaded ±1 s.e.",
                  fontsize=8.5)
@@ -912,9 +988,10 @@ def main(argv=None) -> int:
     p.add_argument("--status", action="store_true", help="print the plan and what is done")
     p.add_argument("--report", action="store_true", help="redraw the figure and print the summary")
     p.add_argument("--memory", action="store_true",
-                   help=f"peak memory of every variant in fresh processes ({MEMORY_STEPS} steps, no evaluation), "
-                        "under glibc's default allocator settings and a fixed mmap threshold, against "
-                        "fastzo.memory's prediction: writes <csv stem>_peaks.csv")
+                   help=f"peak memory and CPU s per step of every variant in fresh processes ({MEMORY_STEPS} "
+                        "steps, no evaluation), under glibc's default allocator settings and a fixed mmap "
+                        "threshold, against fastzo.memory's prediction: writes <csv stem>_peaks.csv (the rows "
+                        "of other CPU models stay)")
     p.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
     p.add_argument("--memory-steps", type=int, default=MEMORY_STEPS, help=argparse.SUPPRESS)
     p.add_argument("--run-cell", default=None, help=argparse.SUPPRESS)

@@ -1,9 +1,11 @@
 """The equal-memory benchmark's bookkeeping and the shared Trainer's checkpoints (tiny models)."""
 
+import csv
 import importlib.util
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -281,3 +283,58 @@ def test_a_checkpoint_from_another_cpu_model_is_not_continued(tmp_path, monkeypa
     assert [(r["step"], r["split"]) for r in mine] == [(str(s), sp) for s in (0, 2, 4) for sp in ("validation", "test")]
     assert [r["step"] for r in bench.read_rows(bench.interrupted_path(csv_path))] == ["0", "0", "2", "2"]
     assert not ckpt.exists()
+
+
+def test_time_to_reach_at_one_machines_step_cost():
+    bench = load_benchmark()
+    bp, mezo = ("minilm", "bp"), ("mpnet", "mezo", "float32", "gaussian")
+    probes = [dict(allocator=a, model=m, method=k, dtype="float32", distribution=d, cpu_model="AMD EPYC",
+                   cpu_s_per_step=c)
+              for a, c0 in (("glibc default", 1.0), ("fixed mmap threshold 128 KiB", 9.0))
+              for (m, k, d, c) in (("minilm", "bp", "", 0.5 * c0), ("mpnet", "mezo", "gaussian", 2.0 * c0))]
+    costs = bench.step_costs(probes)
+    assert costs == {"AMD EPYC": {bp: 0.5, mezo: 2.0}}  # glibc's default, the cells' own setting
+    # Curves measured on different machines: (step, cpu s, wall s, accuracy, se)
+    table = {("movie", bp, 1e-4): {"chosen": True, "curves": {0: [(0, 0, 0, 0.7, 0.01), (100, 900, 0, 0.86, 0.01)]}},
+             ("movie", mezo, 2e-5): {"chosen": True, "curves": {0: [(0, 0, 0, 0.8, 0.01), (400, 10, 0, 0.86, 0.01)],
+                                                                1: [(0, 0, 0, 0.8, 0.01), (400, 10, 0, 0.85, 0.01)]}}}
+    text = " ".join(bench._reach_at_one_cost(table, list(table), 0.86, costs))
+    assert "at AMD EPYC's per-step cost" in text
+    assert "backprop (AdamW) (0.50 CPU s/step): 50;" in text  # 100 steps x 0.5, not its own 900 CPU s
+    assert "MeZO (2.00 CPU s/step): 800, not reached." in text  # seed 0: 400 x 2.0; seed 1 never reaches
+    assert bench.short_cpu("Intel(R) Xeon(R) Processor") == "Intel Xeon"
+
+
+def test_memory_probe_times_the_steps_after_warmup(monkeypatch):
+    bench = _toy_benchmark(monkeypatch)
+    cell = bench.Cell("main", "movie", "mpnet", "mezo", 0, 1e-2, (0, 2))
+    got = bench.probe_memory(cell, smoke=True, threads=1, steps=4)
+    assert got["peak_mib"] > got["baseline_mib"] > 0
+    assert got["cpu_s_per_step"] > 0 and got["wall_s_per_step"] > 0
+
+
+def test_memory_probe_keeps_the_rows_of_other_cpu_models(tmp_path, monkeypatch):
+    bench = load_benchmark()
+    csv_path = tmp_path / "em.csv"
+    peaks = tmp_path / "em_peaks.csv"
+    with open(peaks, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=bench.PEAK_FIELDS)
+        writer.writeheader()
+        for cpu in ("another CPU", bench.cpu_name()):
+            writer.writerow(dict(allocator="glibc default", model="minilm", method="bp", cpu_model=cpu,
+                                 peak_rss_mib="1"))
+    monkeypatch.setattr(bench, "ALLOCATORS", {"glibc default": {}})
+    monkeypatch.setattr(bench, "_runtime_mib", lambda threads, env: 10.0)
+    monkeypatch.setattr(bench, "memory_variants", lambda smoke: [bench.Cell("main", "movie", "minilm", "bp", 0, 1e-4, (0,))])
+    monkeypatch.setattr(bench, "predicted_peak_mib", lambda *a: 100.0)
+
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = '{"baseline_mib": 50.0, "peak_mib": 125.0, "cpu_s_per_step": 0.5, "wall_s_per_step": 0.3}\n'
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: Done())
+    monkeypatch.setattr(bench, "git_commit", lambda: "abc")
+    args = SimpleNamespace(csv=str(csv_path), smoke=True, threads=None)
+    assert bench.measure_memory(args) == 0
+    rows = bench.read_rows(peaks)
+    assert [(r["cpu_model"], r["peak_rss_mib"]) for r in rows] == [("another CPU", "1"), (bench.cpu_name(), "125.0")]
+    assert rows[1]["cpu_s_per_step"] == "0.5" and rows[1]["error_pct"] == "-20.0"
