@@ -84,6 +84,37 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from fastzo.benchmark import cpu_name  # noqa: E402
 
+# CPU flags that change what a step costs here (bf16 and int8 matrix units, vector width).
+COST_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_features() -> str:
+    """What tells apart CPUs that share a generic model name (clouds report 'Intel(R) Xeon(R)
+    Processor' for generations with and without AMX): family, model, stepping and COST_FLAGS."""
+    info: dict = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("cpu family", "model", "stepping", "flags") and key not in info:
+                    info[key] = value.strip()
+                if not line.strip() and info:
+                    break
+    except OSError:
+        return ""
+    flags = set(info.get("flags", "").split())
+    head = " ".join(f"{k.split()[-1]} {info[k]}" for k in ("cpu family", "model", "stepping") if k in info)
+    return "; ".join(filter(None, [head, " ".join(f for f in COST_FLAGS if f in flags)]))
+
+
+def this_machine() -> tuple:
+    return cpu_name(), cpu_features()
+
+
+def machine_of(row: dict) -> tuple:
+    return row.get("cpu_model", ""), row.get("cpu_features", "")
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}
@@ -114,7 +145,7 @@ FIELDS = ["time_utc", "git_commit", "phase", "cell", "task", "model", "method", 
           "seed", "lr", "eps", "batch_size", "max_length", "fused_steps", "step", "steps_total",
           "train_cpu_s", "train_wall_s", "split", "n_eval", "accuracy", "accuracy_se", "eval_loss",
           "train_loss_ema", "peak_rss_mib", "baseline_rss_mib", "memory_kind", "params", "backend", "threads", "omp_wait_policy", "cpu_model",
-          "load1", "load5", "load15"]
+          "load1", "load5", "load15", "cpu_features"]
 
 
 @dataclass
@@ -206,8 +237,26 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def write_rows(path: Path, rows: list[dict], fields: list[str] = FIELDS) -> None:
+    """Replace ``path`` by ``rows`` atomically (a crash leaves the old file or the new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in fields} for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
 def append_row(path: Path, row: dict) -> None:
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != FIELDS:  # written by an older version: same rows, the new columns empty
+            write_rows(path, read_rows(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -222,20 +271,21 @@ def interrupted_path(csv_path: Path) -> Path:
     return csv_path.with_name(csv_path.stem + "_interrupted.csv")
 
 
-def set_aside(csv_path: Path, cell_name: str) -> None:
-    """Move the rows of a cell that starts over from the CSV to its ``_interrupted`` side file."""
+def _row_key(r: dict) -> tuple:
+    return r["cell"], str(r["step"]), r["split"], r["time_utc"]
+
+
+def set_aside(csv_path: Path, cell_name: str, extra: list[dict] = ()) -> None:
+    """Move the rows of a cell that starts over (and ``extra`` rows of it that never reached the
+    CSV) to the ``_interrupted`` side file: the side file first, each row once, then the CSV, so
+    a crash in between repeats nothing and loses nothing."""
     rows = read_rows(csv_path)
-    for r in rows:
-        if r["cell"] == cell_name:
-            append_row(interrupted_path(csv_path), r)
-    tmp = csv_path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows if r["cell"] != cell_name)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(csv_path)
+    side = interrupted_path(csv_path)
+    aside = read_rows(side)
+    known = {_row_key(r) for r in aside}
+    moving = [r for r in rows if r["cell"] == cell_name] + list(extra)
+    write_rows(side, aside + [r for r in moving if _row_key(r) not in known])
+    write_rows(csv_path, [r for r in rows if r["cell"] != cell_name])
 
 
 def cell_done(rows: list[dict], cell: Cell) -> bool:
@@ -345,9 +395,11 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
     ema = None  # of the training loss, carried over a resume by the checkpoint
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["rows"][0]["cpu_model"] != cpu_name():  # a cell's clocks all come from one CPU model
-            print(f"[{cell.name}] the checkpoint ran on {state['rows'][0]['cpu_model']}, this is {cpu_name()}: "
+        if machine_of(state["rows"][0]) != this_machine():  # a cell's clocks all come from one CPU
+            print(f"[{cell.name}] the checkpoint ran on {machine_of(state['rows'][0])}, this is {this_machine()}: "
                   "starting over", flush=True)
+            set_aside(csv_path, cell.name, extra=state["rows"])
+            rows = []
             del state
             ckpt.unlink()
     if ckpt.exists():
@@ -378,7 +430,8 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
                 max_length=MAX_LENGTH, fused_steps=cell.method == "mezo", steps_total=cell.steps,
                 params=sum(p.numel() for p in model.parameters()),
                 backend=backend, threads=torch.get_num_threads(),
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""), cpu_model=cpu_name())
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""), cpu_model=cpu_name(),
+                cpu_features=cpu_features())
 
     def on_step(tr, loss):
         nonlocal ema
@@ -458,7 +511,7 @@ ALLOCATORS = {"glibc default": {}, "fixed mmap threshold 128 KiB": {"MALLOC_MMAP
 MEMORY_STEPS = 20
 PEAK_FIELDS = ["time_utc", "git_commit", "allocator", "model", "method", "dtype", "distribution", "steps",
                "baseline_rss_mib", "runtime_mib", "peak_rss_mib", "predicted_mib", "error_pct",
-               "cpu_s_per_step", "wall_s_per_step", "threads", "cpu_model", "load1"]
+               "cpu_s_per_step", "wall_s_per_step", "timed_steps", "threads", "cpu_model", "cpu_features", "load1"]
 WARMUP_STEPS = 2  # steps before the per-step cost is timed (first-call allocations, thread pools)
 
 
@@ -469,16 +522,17 @@ def probe_memory(cell: Cell, smoke: bool, threads: int | None, steps: int) -> di
     machine, which the cells' own clocks cannot give when they ran on different machines."""
     from fastzo.finetune import train_batches
 
+    if steps <= WARMUP_STEPS:
+        raise ValueError(f"the memory probe needs more than {WARMUP_STEPS} steps (warmup), got {steps}")
     c = prepare_cell(cell, smoke, threads)
     batches = train_batches(c.train_ids, c.train[1], BATCH, cell.seed, c.pad, c.device)
-    warmup = min(WARMUP_STEPS, steps - 1)
-    c.trainer.train(batches, warmup)
+    c.trainer.train(batches, WARMUP_STEPS)
     cpu0, wall0 = c.trainer.cpu_seconds, c.trainer.train_seconds
-    c.trainer.train(batches, steps - warmup)
-    timed = steps - warmup
+    timed = steps - WARMUP_STEPS
+    c.trainer.train(batches, timed)
     return {"baseline_mib": round(c.baseline, 1), "peak_mib": round(c.trainer.peak_mb, 1),
             "cpu_s_per_step": round((c.trainer.cpu_seconds - cpu0) / timed, 4),
-            "wall_s_per_step": round((c.trainer.train_seconds - wall0) / timed, 4)}
+            "wall_s_per_step": round((c.trainer.train_seconds - wall0) / timed, 4), "timed_steps": timed}
 
 
 def memory_variants(smoke: bool) -> list[Cell]:
@@ -523,18 +577,23 @@ def measure_memory(args) -> int:
                        predicted_mib=round(predicted, 1) if predicted else "",
                        error_pct=round(error, 1) if error is not None else "",
                        cpu_s_per_step=got["cpu_s_per_step"], wall_s_per_step=got["wall_s_per_step"],
-                       threads=args.threads or "", cpu_model=cpu_name(), load1=round(os.getloadavg()[0], 2))
+                       timed_steps=got["timed_steps"],
+                       threads=args.threads or "", cpu_model=cpu_name(), cpu_features=cpu_features(),
+                       load1=round(os.getloadavg()[0], 2))
             rows.append(row)
             print(f"[{allocator}] {_label(_variant(row))}: peak {got['peak_mib']:,.0f} MiB, predicted "
                   f"{row['predicted_mib']} MiB ({row['error_pct']} %), {got['cpu_s_per_step']:.3f} CPU s/step",
                   flush=True)
-    others = [r for r in read_rows(out) if r.get("cpu_model") != cpu_name()]
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=PEAK_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in PEAK_FIELDS} for r in others + rows)
+    if not rows:
+        print(f"no probe succeeded: {out} left as it was", flush=True)
+        return 1
+
+    def probe_key(r):
+        return machine_of(r), r["allocator"], _variant(r)
+    measured = {probe_key(r) for r in rows}
+    write_rows(out, [r for r in read_rows(out) if probe_key(r) not in measured] + rows, PEAK_FIELDS)
     print(f"wrote {out}")
-    return 0 if rows else 1
+    return 0
 
 
 # ------------------------------------------------------------------------------- the driver
@@ -635,7 +694,7 @@ def summarize(rows: list[dict]) -> dict:
                                      "steps_total": int(r["steps_total"]),
                                      "chosen": None if chosen is None else math.isclose(chosen, lr)})
         seed = int(r["seed"])
-        entry["cpus"][seed] = r.get("cpu_model", "")
+        entry["cpus"].setdefault(seed, set()).add(short_cpu(r.get("cpu_model", "")))
         point = (int(r["step"]), float(r["train_cpu_s"]), float(r["train_wall_s"]), float(r["accuracy"]),
                  float(r["accuracy_se"]), float(r["eval_loss"]))
         entry["val" if r.get("split") == "validation" else "curves"].setdefault(seed, []).append(point)
@@ -668,13 +727,18 @@ def short_cpu(name: str) -> str:
     return " ".join(name.split()) or "?"
 
 
+def machine_label(machine: tuple) -> str:
+    name, features = machine
+    return short_cpu(name) + (f" ({features})" if features else "")
+
+
 def step_costs(probes: list[dict]) -> dict:
-    """{cpu_model: {variant: CPU s per step}} from the probe rows under glibc's default allocator
+    """{machine: {variant: CPU s per step}} from the probe rows under glibc's default allocator
     (the cells' own setting)."""
     out: dict = {}
     for r in probes:
         if r.get("cpu_s_per_step") and r["allocator"] == next(iter(ALLOCATORS)):
-            out.setdefault(r["cpu_model"], {})[_variant(r)] = float(r["cpu_s_per_step"])
+            out.setdefault(machine_of(r), {})[_variant(r)] = float(r["cpu_s_per_step"])
     return out
 
 
@@ -733,7 +797,7 @@ def _machines(rows) -> str:
     """The CPU models the cells ran on, with how many cells each ran."""
     cells: dict = {}
     for r in rows:
-        cells.setdefault(short_cpu(r["cpu_model"]), set()).add(r["cell"])
+        cells.setdefault(machine_label(machine_of(r)), set()).add(r["cell"])
     return ", ".join(f"{cpu} ({len(names)} cells)" for cpu, names in sorted(cells.items()))
 
 
@@ -741,20 +805,26 @@ def _reach_at_one_cost(table, entries, target, costs) -> list[str]:
     """Steps to reach the target times each variant's per-step CPU cost measured side by side on
     one machine (``--memory``): a comparison of time that does not depend on which machine ran
     which cell (accuracy per step does not depend on the machine; CPU s per step does)."""
+    if not costs:
+        return ["No per-step costs measured side by side yet (`--memory`): times to reach the target only on "
+                "each cell's own machine.", ""]
     lines = []
-    for cpu, per_step in costs.items():
+    for machine, per_step in costs.items():
         parts = []
         for key in entries:
             e = table[key]
-            if e["chosen"] is False or key[1] not in per_step:
+            if e["chosen"] is False:
+                continue
+            if key[1] not in per_step:
+                parts.append(f"{_label(key[1])}: step cost not probed")
                 continue
             reach = [time_to_reach(c, target, axis=0) for _, c in sorted(e["curves"].items())]
             text = ", ".join("not reached" if st is None else f"{st * per_step[key[1]]:,.0f}" for st in reach)
             parts.append(f"{_label(key[1])} ({per_step[key[1]]:.2f} CPU s/step): {text}")
-        if parts:
-            lines += [f"CPU s to reach the target at {short_cpu(cpu)}'s per-step cost (steps to reach x CPU s per "
-                      "step of each variant, measured side by side by `--memory`, evaluations excluded): "
-                      + "; ".join(parts) + ".", ""]
+        lines += [f"CPU s to reach the target at the per-step cost of {machine_label(machine)} (the first "
+                  "evaluated step at or above the target x the variant's CPU s per step, measured side by side "
+                  "by `--memory`; evaluations excluded; an upper bound as fine as each cell's evaluation "
+                  "schedule): " + "; ".join(parts) + ".", ""]
     return lines
 
 
@@ -782,7 +852,7 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
         lines += [head, "",
                   "| cell | lr | seeds | ran on | steps done / planned | CPU s (train) | peak RSS MiB "
                   "| accuracy at step 0 | last accuracy | best accuracy | at the best validation loss (step) "
-                  "| steps (CPU s) to reach the target |",
+                  "| steps (CPU s on its own machine) to reach the target |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for key in entries:
             e = table[key]
@@ -796,7 +866,7 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
             reach = [(time_to_reach(curves[sd], target, axis=0), time_to_reach(curves[sd], target))
                      for sd in seeds] if target is not None else []
             reach_text = ", ".join("not reached" if st is None else f"{st:,} ({t:,.0f})" for st, t in reach) or "–"
-            ran_on = ", ".join(sorted({short_cpu(c) for c in e["cpus"].values()}))
+            ran_on = ", ".join(sorted(set().union(*e["cpus"].values())))
             done = " / ".join(f"{curves[sd][-1][0]}" for sd in seeds) + f" / {e['steps_total']}"
             cpu = " / ".join(f"{curves[sd][-1][1]:,.0f}" for sd in seeds)
             peak = " / ".join(f"{e['peaks'][sd]:,.0f}" for sd in seeds if sd in e["peaks"]) or "–"

@@ -278,11 +278,16 @@ def test_a_checkpoint_from_another_cpu_model_is_not_continued(tmp_path, monkeypa
     for row in state["rows"]:
         row["cpu_model"] = "another CPU"
     torch.save(state, ckpt)
+    # As if the run had stopped between saving step 2's checkpoint and writing its rows.
+    bench.write_rows(csv_path, [r for r in bench.read_rows(csv_path) if r["step"] != "2"])
     bench.run_cell(cell, csv_path, work, smoke=True, threads=1)
     mine = [r for r in bench.read_rows(csv_path) if r["cell"] == cell.name]
     assert [(r["step"], r["split"]) for r in mine] == [(str(s), sp) for s in (0, 2, 4) for sp in ("validation", "test")]
-    assert [r["step"] for r in bench.read_rows(bench.interrupted_path(csv_path))] == ["0", "0", "2", "2"]
-    assert not ckpt.exists()
+    assert {r["cpu_model"] for r in mine} == {bench.cpu_name()}
+    # Continuing would have set nothing aside; starting over moved step 0's rows and the
+    # checkpoint's step-2 rows (never in the CSV) to the side file.
+    aside = bench.read_rows(bench.interrupted_path(csv_path))
+    assert [(r["step"], r["cpu_model"]) for r in aside] == [("0", bench.cpu_name())] * 2 + [("2", "another CPU")] * 2
 
 
 def test_time_to_reach_at_one_machines_step_cost():
@@ -293,24 +298,46 @@ def test_time_to_reach_at_one_machines_step_cost():
               for a, c0 in (("glibc default", 1.0), ("fixed mmap threshold 128 KiB", 9.0))
               for (m, k, d, c) in (("minilm", "bp", "", 0.5 * c0), ("mpnet", "mezo", "gaussian", 2.0 * c0))]
     costs = bench.step_costs(probes)
-    assert costs == {"AMD EPYC": {bp: 0.5, mezo: 2.0}}  # glibc's default, the cells' own setting
+    assert costs == {("AMD EPYC", ""): {bp: 0.5, mezo: 2.0}}  # glibc's default, the cells' own setting
     # Curves measured on different machines: (step, cpu s, wall s, accuracy, se)
     table = {("movie", bp, 1e-4): {"chosen": True, "curves": {0: [(0, 0, 0, 0.7, 0.01), (100, 900, 0, 0.86, 0.01)]}},
              ("movie", mezo, 2e-5): {"chosen": True, "curves": {0: [(0, 0, 0, 0.8, 0.01), (400, 10, 0, 0.86, 0.01)],
                                                                 1: [(0, 0, 0, 0.8, 0.01), (400, 10, 0, 0.85, 0.01)]}}}
+    costs = {("AMD EPYC", "family 25"): costs[("AMD EPYC", "")]}
     text = " ".join(bench._reach_at_one_cost(table, list(table), 0.86, costs))
-    assert "at AMD EPYC's per-step cost" in text
+    assert "at the per-step cost of AMD EPYC (" in text
     assert "backprop (AdamW) (0.50 CPU s/step): 50;" in text  # 100 steps x 0.5, not its own 900 CPU s
     assert "MeZO (2.00 CPU s/step): 800, not reached." in text  # seed 0: 400 x 2.0; seed 1 never reaches
     assert bench.short_cpu("Intel(R) Xeon(R) Processor") == "Intel Xeon"
+    # A variant the probe did not measure, and no probe at all, are said, not dropped.
+    text = " ".join(bench._reach_at_one_cost(table, list(table), 0.86, {("AMD EPYC", "f"): {bp: 0.5}}))
+    assert "MeZO: step cost not probed" in text
+    assert "No per-step costs" in " ".join(bench._reach_at_one_cost(table, list(table), 0.86, {}))
 
 
 def test_memory_probe_times_the_steps_after_warmup(monkeypatch):
     bench = _toy_benchmark(monkeypatch)
     cell = bench.Cell("main", "movie", "mpnet", "mezo", 0, 1e-2, (0, 2))
-    got = bench.probe_memory(cell, smoke=True, threads=1, steps=4)
+    got = bench.probe_memory(cell, smoke=True, threads=1, steps=4)  # the real loop on a toy model
     assert got["peak_mib"] > got["baseline_mib"] > 0
-    assert got["cpu_s_per_step"] > 0 and got["wall_s_per_step"] > 0
+    assert got["cpu_s_per_step"] > 0 and got["wall_s_per_step"] > 0 and got["timed_steps"] == 2
+
+    class Clockwork:  # step k costs k CPU seconds: the warmup steps must not enter the mean
+        cpu_seconds = train_seconds = 0.0
+        peak_mb, step = 1.0, 0
+        def train(self, batches, n):
+            for _ in range(n):
+                self.step += 1
+                self.cpu_seconds += self.step
+                self.train_seconds += 2 * self.step
+    fake = SimpleNamespace(trainer=Clockwork(), train_ids=[], train=([], []), pad=0, device="cpu", baseline=0.5)
+    monkeypatch.setattr(bench, "prepare_cell", lambda *a: fake)
+    import fastzo.finetune as ft
+    monkeypatch.setattr(ft, "train_batches", lambda *a: iter(()))
+    got = bench.probe_memory(cell, smoke=True, threads=1, steps=5)
+    assert (got["cpu_s_per_step"], got["wall_s_per_step"], got["timed_steps"]) == (4.0, 8.0, 3)  # (3+4+5)/3
+    with pytest.raises(ValueError, match="warmup"):
+        bench.probe_memory(cell, smoke=True, threads=1, steps=bench.WARMUP_STEPS)
 
 
 def test_memory_probe_keeps_the_rows_of_other_cpu_models(tmp_path, monkeypatch):
@@ -320,9 +347,10 @@ def test_memory_probe_keeps_the_rows_of_other_cpu_models(tmp_path, monkeypatch):
     with open(peaks, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=bench.PEAK_FIELDS)
         writer.writeheader()
-        for cpu in ("another CPU", bench.cpu_name()):
-            writer.writerow(dict(allocator="glibc default", model="minilm", method="bp", cpu_model=cpu,
-                                 peak_rss_mib="1"))
+        for (cpu, features), method in (((bench.cpu_name(), "older generation"), "bp"),
+                                        (bench.this_machine(), "bp"), (bench.this_machine(), "mezo")):
+            writer.writerow(dict(allocator="glibc default", model="minilm", method=method, cpu_model=cpu,
+                                 cpu_features=features, peak_rss_mib="1"))
     monkeypatch.setattr(bench, "ALLOCATORS", {"glibc default": {}})
     monkeypatch.setattr(bench, "_runtime_mib", lambda threads, env: 10.0)
     monkeypatch.setattr(bench, "memory_variants", lambda smoke: [bench.Cell("main", "movie", "minilm", "bp", 0, 1e-4, (0,))])
@@ -330,11 +358,49 @@ def test_memory_probe_keeps_the_rows_of_other_cpu_models(tmp_path, monkeypatch):
 
     class Done:
         returncode, stderr = 0, ""
-        stdout = '{"baseline_mib": 50.0, "peak_mib": 125.0, "cpu_s_per_step": 0.5, "wall_s_per_step": 0.3}\n'
+        stdout = ('{"baseline_mib": 50.0, "peak_mib": 125.0, "cpu_s_per_step": 0.5, "wall_s_per_step": 0.3, '
+                  '"timed_steps": 18}\n')
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: Done())
     monkeypatch.setattr(bench, "git_commit", lambda: "abc")
     args = SimpleNamespace(csv=str(csv_path), smoke=True, threads=None)
     assert bench.measure_memory(args) == 0
     rows = bench.read_rows(peaks)
-    assert [(r["cpu_model"], r["peak_rss_mib"]) for r in rows] == [("another CPU", "1"), (bench.cpu_name(), "125.0")]
-    assert rows[1]["cpu_s_per_step"] == "0.5" and rows[1]["error_pct"] == "-20.0"
+    # Same model name, other features: another machine, kept; this machine's MeZO row was not
+    # measured this time: kept; its backprop row: replaced.
+    assert [(r["cpu_features"], r["method"], r["peak_rss_mib"]) for r in rows] == [
+        ("older generation", "bp", "1"), (bench.cpu_features(), "mezo", "1"), (bench.cpu_features(), "bp", "125.0")]
+    assert rows[2]["cpu_s_per_step"] == "0.5" and rows[2]["error_pct"] == "-20.0" and rows[2]["timed_steps"] == "18"
+
+    class Failed:
+        returncode, stderr, stdout = 1, "boom", ""
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: Failed())
+    assert bench.measure_memory(args) == 1
+    assert bench.read_rows(peaks) == rows  # nothing measured: nothing replaced
+
+
+def test_set_aside_twice_and_after_a_crash_keeps_each_row_once(tmp_path):
+    bench = load_benchmark()
+    csv_path = tmp_path / "em.csv"
+    row = dict.fromkeys(bench.FIELDS, "")
+    for cell, step in (("a", 0), ("a", 2), ("b", 0)):
+        bench.append_row(csv_path, dict(row, cell=cell, step=str(step), split="test", time_utc=f"t{step}"))
+    side = bench.interrupted_path(csv_path)
+    # A crash after the side file was written and before the CSV was: the next set-aside repeats.
+    bench.write_rows(side, [r for r in bench.read_rows(csv_path) if r["cell"] == "a"])
+    bench.set_aside(csv_path, "a")
+    bench.set_aside(csv_path, "a")
+    assert [(r["cell"], r["step"]) for r in bench.read_rows(side)] == [("a", "0"), ("a", "2")]
+    assert [r["cell"] for r in bench.read_rows(csv_path)] == ["b"]
+
+
+def test_rows_appended_to_an_older_csv_get_its_columns_migrated(tmp_path):
+    bench = load_benchmark()
+    csv_path = tmp_path / "em.csv"
+    old_fields = [f for f in bench.FIELDS if f != "cpu_features"]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_fields)
+        writer.writeheader()
+        writer.writerow(dict.fromkeys(old_fields, "") | {"cell": "old", "load15": "1.5"})
+    bench.append_row(csv_path, dict(cell="new", load15="2.5", cpu_features="avx2"))
+    rows = bench.read_rows(csv_path)
+    assert [(r["cell"], r["load15"], r["cpu_features"]) for r in rows] == [("old", "1.5", ""), ("new", "2.5", "avx2")]
