@@ -67,6 +67,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -611,7 +612,7 @@ def drive(args) -> int:
                 print(f"[{cell.name}] no lr chosen (its selection runs failed or have not finished): skipped",
                       flush=True)
                 continue
-        if cell_done(rows, cell):
+        if cell_done(rows, cell) or not any(fnmatch.fnmatchcase(cell.name, pattern) for pattern in args.only):
             continue
         print(f"=== {cell.name} (lr {cell.lr:g}, {cell.steps} steps) {time.strftime('%H:%M:%S')}", flush=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--run-cell", json.dumps(dataclasses.asdict(cell)),
@@ -1056,6 +1057,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, separate CSV: checks the pipeline")
     p.add_argument("--status", action="store_true", help="print the plan and what is done")
+    p.add_argument("--only", nargs="+", default=["*"], metavar="PATTERN",
+                   help="run only the cells whose name matches one of these globs (names as --status prints "
+                        "them, e.g. 'main/amazon/minilm/*'), in the plan's order: to fit cells into a time slot")
     p.add_argument("--report", action="store_true", help="redraw the figure and print the summary")
     p.add_argument("--memory", action="store_true",
                    help=f"peak memory and CPU s per step of every variant in fresh processes ({MEMORY_STEPS} "

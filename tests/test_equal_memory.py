@@ -1,6 +1,7 @@
 """The equal-memory benchmark's bookkeeping and the shared Trainer's checkpoints (tiny models)."""
 
 import csv
+import json
 import importlib.util
 import math
 import sys
@@ -404,3 +405,18 @@ def test_rows_appended_to_an_older_csv_get_its_columns_migrated(tmp_path):
     bench.append_row(csv_path, dict(cell="new", load15="2.5", cpu_features="avx2"))
     rows = bench.read_rows(csv_path)
     assert [(r["cell"], r["load15"], r["cpu_features"]) for r in rows] == [("old", "1.5", ""), ("new", "2.5", "avx2")]
+
+
+def test_the_driver_runs_only_the_cells_asked_for_in_the_plans_order(tmp_path, monkeypatch):
+    bench = load_benchmark()
+    ran = []
+    monkeypatch.setattr(bench.subprocess, "run",
+                        lambda cmd, env=None: ran.append(json.loads(cmd[cmd.index("--run-cell") + 1]))
+                        or SimpleNamespace(returncode=0))
+    monkeypatch.setattr(bench, "report", lambda *a, **k: "")
+    args = SimpleNamespace(csv=str(tmp_path / "em.csv"), work_dir=str(tmp_path / "w"), smoke=False, threads=None,
+                           figure=str(tmp_path / "em.png"), only=["lr/amazon/minilm/*", "main/movie/mpnet/bp/*"])
+    assert bench.drive(args) == 0
+    # MPNet backprop's main cell waits for its selection runs (not asked for): skipped, not run.
+    assert [(c["phase"], c["task"], c["model"], c["lr"]) for c in ran] == [
+        ("lr", "amazon", "minilm", lr) for lr in bench.LR_GRIDS[("minilm", "bp")]]
