@@ -794,11 +794,12 @@ def _runtime_mib(threads: int | None = None, env: dict | None = None) -> float:
     return sorted(values)[len(values) // 2] if values else 0.0
 
 
-def _machines(rows) -> str:
-    """The CPU models the cells ran on, with how many cells each ran."""
+def _machines(rows, short: bool = False) -> str:
+    """The machines the cells ran on, with how many cells each ran."""
     cells: dict = {}
     for r in rows:
-        cells.setdefault(machine_label(machine_of(r)), set()).add(r["cell"])
+        name = short_cpu(r["cpu_model"]) if short else machine_label(machine_of(r))
+        cells.setdefault(name, set()).add(r["cell"])
     return ", ".join(f"{cpu} ({len(names)} cells)" for cpu, names in sorted(cells.items()))
 
 
@@ -942,16 +943,22 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
         pair = [table.get((task, ("mpnet", "mezo", "float32", d), lr)) for d in ("gaussian", "rademacher")]
         if lr is None or not all(pair):
             continue
-        lines.append(f"Gaussian against Rademacher z on MPNet, {TASK_LABELS[task]}:")
+        lines.append(f"Gaussian against Rademacher z on MPNet, {TASK_LABELS[task]} (points per 1,000 CPU s on the "
+                     "cell's own clock, and at each probed machine's per-step cost):")
         for name, e in zip(("Gaussian", "Rademacher"), pair):
             parts = []
+            variant = ("mpnet", "mezo", "float32", name.lower())
             for sd, c in sorted(e["curves"].items()):
                 if c[-1][0] == 0:
                     continue
                 gain = c[-1][3] - c[0][3]
-                parts.append(f"seed {sd}: {c[-1][0]} steps, {c[-1][1] / c[-1][0]:.2f} CPU s/step, "
-                             f"accuracy {100 * c[0][3]:.2f} -> {100 * c[-1][3]:.2f} % "
-                             f"({100 * gain / c[-1][1] * 1000:+.3f} points per 1,000 CPU s)")
+                at_cost = "".join(f"; {100 * gain / (c[-1][0] * per[variant]) * 1000:+.3f} at "
+                                  f"{short_cpu(machine[0])}'s {per[variant]:.2f} CPU s/step"
+                                  for machine, per in costs.items() if variant in per)
+                parts.append(f"seed {sd} on {', '.join(sorted(e['cpus'][sd]))}: {c[-1][0]} steps, "
+                             f"{c[-1][1] / c[-1][0]:.2f} CPU s/step, accuracy {100 * c[0][3]:.2f} -> "
+                             f"{100 * c[-1][3]:.2f} % ({100 * gain / c[-1][1] * 1000:+.3f} points per 1,000 CPU s"
+                             f"{at_cost})")
             lines.append(f"- {name}: " + ("; ".join(parts) or "no steps yet"))
         lines.append("")
 
@@ -981,22 +988,29 @@ def report(csv_path: Path, figure: Path, smoke: bool = False, markdown: Path | N
         markdown.write_text(text + "\n")
     if tasks:
         first = read_rows(csv_path.with_name(csv_path.stem + "_first_protocol.csv"))
-        _plot(table, tasks, figure, rows, first)
+        _plot(table, tasks, figure, rows, first, costs)
     return text
 
 
-def _plot(table, tasks, figure: Path, rows, first_protocol=()) -> None:
-    """The accuracy-against-time figure; ``first_protocol``'s test curves (MeZO's lr chosen by
-    60-step runs) in grey, for the instability that changed the protocol."""
+def _plot(table, tasks, figure: Path, rows, first_protocol=(), costs=None) -> None:
+    """The accuracy-against-time figure: against each cell's own CPU and wall clocks, and against
+    steps x the per-step cost of one probed machine (the fair axis when cells ran on different
+    machines); ``first_protocol``'s test curves (MeZO's lr chosen by 60-step runs) in grey, for
+    the instability that changed the protocol."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(13, 4.6 * len(tasks)), squeeze=False)
+    panels = [(1, "training time, process CPU seconds (all threads), each cell on its own machine"),
+              (2, "training time, wall-clock seconds, each cell on its own machine")]
+    if costs:  # the probed machine that covers the most variants
+        machine, per_step = min(costs.items(), key=lambda kv: (-len(kv[1]), machine_label(kv[0])))
+        panels.append((per_step, f"steps x CPU s per step on {short_cpu(machine[0])} (`--memory` probe)"))
+    fig, axes = plt.subplots(len(tasks), len(panels), figsize=(6.5 * len(panels), 4.6 * len(tasks)), squeeze=False)
     for row_axes, task in zip(axes, tasks):
-        for col, (axis, xlabel) in enumerate([(1, "training time, process CPU seconds (all threads)"),
-                                              (2, "training time, wall-clock seconds")]):
+        several = len({c for k in table if k[0] == task for cs in table[k]["cpus"].values() for c in cs}) > 1
+        for col, (axis, xlabel) in enumerate(panels):
             ax = row_axes[col]
             for key in sorted((k for k in table if k[0] == task), key=_entry_order):
                 variant, e = key[1], table[key]
@@ -1006,12 +1020,16 @@ def _plot(table, tasks, figure: Path, rows, first_protocol=()) -> None:
                 peak = f"{sum(peaks) / len(peaks):,.0f} MiB" if peaks else "?"
                 color = COLORS[variant]
                 lost = e["chosen"] is False  # an lr that lost the selection: thin and dotted
+                if isinstance(axis, dict) and variant not in axis:
+                    continue
                 for i, (seed, curve) in enumerate(sorted(e["curves"].items())):
-                    xs = [p[axis] for p in curve]
+                    xs = [p[0] * axis[variant] if isinstance(axis, dict) else p[axis] for p in curve]
                     ys = [100 * p[3] for p in curve]
                     se = [100 * p[4] for p in curve]
                     style = ":" if lost else "-" if variant[1] == "mezo" else "--"
                     label = f"{_label(variant)}, lr {key[2]:g}" + (" (not chosen)" if lost else f", peak {peak}")
+                    if several and not isinstance(axis, dict):
+                        label += f" ({', '.join(sorted(set().union(*e['cpus'].values())))})"
                     ax.plot(xs, ys, style, marker="o", ms=2 if lost else 3, lw=1 if lost else 1.5, color=color,
                             alpha=0.45 if lost else 1.0 if i == 0 else 0.55, label=label if i == 0 else None)
                     if not lost:
@@ -1020,8 +1038,12 @@ def _plot(table, tasks, figure: Path, rows, first_protocol=()) -> None:
             old = {}
             for r in first_protocol:
                 if (r["task"], r["phase"], r["method"], r.get("split", "test")) == (task, "main", "mezo", "test"):
-                    old.setdefault((r["cell"], float(r["lr"])), []).append((int(r["step"]), float(r[
-                        "train_cpu_s" if axis == 1 else "train_wall_s"]), 100 * float(r["accuracy"])))
+                    if isinstance(axis, dict):
+                        x = int(r["step"]) * axis.get(_variant(r), math.nan)
+                    else:
+                        x = float(r["train_cpu_s" if axis == 1 else "train_wall_s"])
+                    old.setdefault((r["cell"], float(r["lr"])), []).append((int(r["step"]), x,
+                                                                            100 * float(r["accuracy"])))
             for (cell, lr), curve in old.items():
                 if len(curve) > 1:
                     curve.sort()
@@ -1032,10 +1054,10 @@ def _plot(table, tasks, figure: Path, rows, first_protocol=()) -> None:
             ax.set_title(f"{TASK_LABELS[task]}", fontsize=10)
             ax.grid(alpha=0.3)
             if col == 0:
-                ax.legend(fontsize=7.5, loc="lower right", title="measured peak RSS (VmHWM)", title_fontsize=7.5)
+                ax.legend(fontsize=7, loc="lower right", title="measured peak RSS (VmHWM)", title_fontsize=7)
     commits = sorted({r["git_commit"] for r in rows})
     loads = [float(r["load1"]) for r in rows if r["load1"]]
-    fig.suptitle(f"Accuracy against training time at equal memory; {_machines(rows)}, "
+    fig.suptitle(f"Accuracy against training time at equal memory; {_machines(rows, short=True)}, "
                  f"{rows[0]['threads']} threads, load average 1-min {min(loads):.1f}-{max(loads):.1f}\n"
                  f"commits {', '.join(commits)}; seeds as lines (seed 0 opaque), shaded ±1 s.e.",
                  fontsize=8.5)
