@@ -184,7 +184,7 @@ def test_memory_probe_covers_every_variant_once():
     assert {} in bench.ALLOCATORS.values()
 
 
-def test_an_interrupted_cell_resumes_from_its_checkpoint_with_the_same_rows(tmp_path, monkeypatch):
+def _toy_benchmark(monkeypatch):
     bench = load_benchmark()
     texts = [f"the film was {w}" for w in ("great", "awful", "superb", "dull", "lovely", "boring")] * 4
     labels = [1, 0] * 12
@@ -194,6 +194,11 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint_with_the_same_rows(tmp_
                                                                  (texts[16:20], labels[16:20]),
                                                                  (texts[20:], labels[20:])))
     monkeypatch.setattr(bench, "BATCH", 4)
+    return bench
+
+
+def test_an_interrupted_cell_resumes_from_its_checkpoint_with_the_same_rows(tmp_path, monkeypatch):
+    bench = _toy_benchmark(monkeypatch)
     cell = bench.Cell("main", "movie", "mpnet", "mezo", 0, 1e-2, (0, 2, 4))
     keys = ("step", "split", "accuracy", "eval_loss", "train_loss_ema")
 
@@ -222,19 +227,6 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint_with_the_same_rows(tmp_
     # Every row once (step 4's validation row was written before the crash), with the values of
     # the uninterrupted run.
     assert sorted(resumed) == sorted(whole)
-
-
-def _toy_benchmark(monkeypatch):
-    bench = load_benchmark()
-    texts = [f"the film was {w}" for w in ("great", "awful", "superb", "dull", "lovely", "boring")] * 4
-    labels = [1, 0] * 12
-    data = finetune.Dataset("toy", texts, labels, ["negative", "positive"], ["bad film", "good film"])
-    monkeypatch.setattr(bench, "MODELS", {"minilm": "tiny-bert", "mpnet": "tiny-bert"})
-    monkeypatch.setattr(bench, "load_task", lambda task, smoke: (data, (texts[:16], labels[:16]),
-                                                                 (texts[16:20], labels[16:20]),
-                                                                 (texts[20:], labels[20:])))
-    monkeypatch.setattr(bench, "BATCH", 4)
-    return bench
 
 
 def test_a_cell_without_its_checkpoint_starts_over_and_sets_its_old_rows_aside(tmp_path, monkeypatch):
