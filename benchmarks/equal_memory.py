@@ -394,17 +394,14 @@ def run_cell(cell: Cell, csv_path: Path, work_dir: Path, smoke: bool, threads: i
     ckpt = work_dir / (cell.name.replace("/", "__") + ".pt")
     rows = [r for r in read_rows(csv_path) if r["cell"] == cell.name]
     ema = None  # of the training loss, carried over a resume by the checkpoint
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if machine_of(state["rows"][0]) != this_machine():  # a cell's clocks all come from one CPU
-            print(f"[{cell.name}] the checkpoint ran on {machine_of(state['rows'][0])}, this is {this_machine()}: "
-                  "starting over", flush=True)
-            set_aside(csv_path, cell.name, extra=state["rows"])
-            rows = []
-            del state
-            ckpt.unlink()
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    if state is not None and machine_of(state["rows"][0]) != this_machine():  # one CPU per cell
+        print(f"[{cell.name}] the checkpoint ran on {machine_of(state['rows'][0])}, this is {this_machine()}: "
+              "starting over", flush=True)
+        set_aside(csv_path, cell.name, extra=state["rows"])
+        rows, state = [], None
+        ckpt.unlink()
+    if state is not None:
         if state["rows"][0]["lr"] != cell.lr:
             raise SystemExit(f"[{cell.name}] the checkpoint {ckpt} was trained with lr {state['rows'][0]['lr']}, "
                              f"this cell has lr {cell.lr}: delete it to start the cell over")
