@@ -172,6 +172,22 @@ def test_report_times_to_reach_the_small_models_best(tmp_path, capsys):
     assert not math.isnan(bench.time_to_reach(curve, 0.70))
 
 
+def test_the_target_is_the_small_backprop_best_averaged_over_seeds():
+    bench = load_benchmark()
+    bp = ("movie", ("minilm", "bp"), 1e-4)
+    unchosen = ("movie", ("minilm", "bp"), 3e-4)
+    mezo = ("movie", ("mpnet", "mezo", "float32", "gaussian"), 2e-5)
+    table = {bp: {"chosen": True, "curves": {0: [(0, 0, 0, 0.70, 0.01), (100, 1, 1, 0.86, 0.01), (200, 2, 2, 0.85, 0.01)],
+                                             1: [(0, 0, 0, 0.70, 0.01), (100, 1, 1, 0.82, 0.01)]}},
+             unchosen: {"chosen": False, "curves": {0: [(0, 0, 0, 0.95, 0.01)]}},
+             mezo: {"chosen": True, "curves": {0: [(0, 0, 0, 0.99, 0.01)]}}}
+    mean, se = bench.backprop_target(table, list(table))
+    assert mean == pytest.approx(0.84) and se == pytest.approx(0.02)
+    one_seed = {bp: {"chosen": True, "curves": {0: table[bp]["curves"][0]}}}
+    assert bench.backprop_target(one_seed, [bp]) == (pytest.approx(0.86), None)
+    assert bench.backprop_target({mezo: table[mezo]}, [mezo]) == (None, None)
+
+
 def test_memory_probe_covers_every_variant_once():
     bench = load_benchmark()
     variants = bench.memory_variants(smoke=False)
