@@ -212,5 +212,7 @@ def equal_memory_note(mezo_mb: float, bp_mb: float) -> list[str]:
         "  Amazon snippets, seed 0: MeZO on MPNet (1,179 MiB) ended above MiniLM backprop's (1,438 MiB) best",
         "  (84.10 against 83.70 % after 2,000 steps; backprop overfits to 82.90 %), but backprop got there in 26x",
         "  less CPU time.",
+        "  Rademacher z on MPNet learned less per CPU-second than Gaussian z on both tasks: Gaussian stays",
+        "  the default.",
         "  Seed 1 and the other cells: benchmarks/results/equal_memory.md.",
     ]
